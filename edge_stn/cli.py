@@ -1,0 +1,117 @@
+"""The `edge-stn` command. Heavy modules (torch) are imported inside the subcommands that need
+them, so `edge-stn run` on a gateway never loads torch.
+
+Exit codes: 0 ok; 2 bad input (one line on stderr, no traceback); 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from edge_stn import __version__
+from edge_stn.errors import EdgeStnError, MissingExtraError
+
+logger = logging.getLogger("edge_stn")
+
+
+class UsageError(EdgeStnError):
+    """Bad command-line arguments."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _need(module: str, extra: str, purpose: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtraError(module, extra, purpose)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from edge_stn.training_config import load_train_config
+
+    overrides = {"arch": args.arch, "out": args.out, "device": args.device}
+    cfg = load_train_config(Path(args.config), overrides)
+    _need("torch", "train", "training")
+    from edge_stn.train import train
+
+    train(cfg, resume=args.resume, progress=not args.quiet, max_steps=args.max_steps)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    path = Path(args.model)
+    if not path.is_file():
+        raise EdgeStnError("no such model file", path=path)
+    if path.suffix != ".onnx":
+        _need("torch", "train", "evaluating a checkpoint")
+    from edge_stn.evaluate import evaluate, evaluation_json
+
+    figure = Path(args.figure) if args.figure else path.with_name(path.stem + f"-{args.dataset.split(':')[0]}.png")
+    ev = evaluate(path, args.dataset, passes=args.passes, figure=None if args.no_figure else figure)
+    if args.json:
+        print(evaluation_json(ev))
+    else:
+        print(ev.table())
+    if args.json_out:
+        Path(args.json_out).write_text(evaluation_json(ev) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edge-stn", description="Spatial Transformer Networks at the edge")
+    p.add_argument("--version", action="version", version=f"edge-stn {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train an ST-CNN or the CNN baseline")
+    t.add_argument("--config", required=True, help="training YAML (configs/train-*.yaml)")
+    t.add_argument("--arch", choices=["stcnn", "cnn"], help="override the config's architecture")
+    t.add_argument("--out", help="output folder (default: the config's 'out')")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="error rate with a 95%% confidence interval")
+    e.add_argument("--model", required=True, help="checkpoint (.pt) or exported model (.onnx)")
+    e.add_argument("--dataset", default="tc", help="tc, rts, windows or folder:DIR")
+    e.add_argument("--passes", type=int, default=10, help="distortions per test item (default 10)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--json-out", help="also write the JSON to this file")
+    e.add_argument("--figure", help="PNG of inputs and STN outputs (default: beside the model)")
+    e.add_argument("--no-figure", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"edge-stn: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except EdgeStnError as exc:
+        print(f"edge-stn: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edge-stn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""One exception hierarchy for edge-stn.
+
+Every error a user can cause (a bad config, a missing file, a foreign checkpoint) is an
+`EdgeStnError`: the CLI prints its message on one line and exits with code 2. Anything else
+is a bug and exits with code 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class EdgeStnError(Exception):
+    """Base class of the errors a user can cause and fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: str | Path | None = None, key: str | None = None):
+        self.path = str(path) if path is not None else None
+        self.key = key
+        self.detail = message
+        prefix = ""
+        if self.path:
+            prefix += f"{self.path}: "
+        if key:
+            prefix += f"{key}: "
+        super().__init__(prefix + message)
+
+
+class ConfigError(EdgeStnError):
+    """A configuration file or value is missing or invalid."""
+
+
+class DataError(EdgeStnError):
+    """A data set (image folder, MNIST source) is missing, empty or inconsistent."""
+
+
+class CheckpointError(EdgeStnError):
+    """A checkpoint is missing, truncated, or of another architecture or format."""
+
+
+class ModelError(EdgeStnError):
+    """An ONNX model is missing, unreadable or breaks the model file contract."""
+
+
+class ExportError(EdgeStnError):
+    """An export failed one of its checks; no model file was left behind."""
+
+
+class SourceError(EdgeStnError):
+    """A frame source cannot be opened or read."""
+
+
+class MissingExtraError(EdgeStnError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+    def __init__(self, module: str, extra: str, purpose: str):
+        super().__init__(
+            f"{purpose} needs the Python module '{module}': "
+            f"pip install 'edge-stn[{extra}]'"
+        )
+        self.module = module
+        self.extra = extra
+
+
+class ShapeError(EdgeStnError):
+    """An array or tensor does not have the expected shape."""
+
+    def __init__(self, name: str, actual: tuple[int, ...], expected: str):
+        super().__init__(f"{name} has shape {tuple(actual)}, expected {expected}")
+        self.actual_shape = tuple(actual)
+        self.expected_shape = expected
