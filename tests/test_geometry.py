@@ -242,3 +242,33 @@ def test_rotation_scale_theta_zooms_and_centres() -> None:
     # A rotation keeps lengths (up to the zoom) and the determinant positive.
     theta = rotation_scale_theta(30.0, 1.0)
     assert np.linalg.det(theta[:, :2]) == pytest.approx(1.0)
+
+
+def test_rotation_scale_theta_undoes_an_opencv_rotation() -> None:
+    """Content rotated counter-clockwise on screen by OpenCV's positive angle (as the RTS and
+    scene generators rotate digits) and shrunk by ``scale`` comes back upright and at its size
+    through rotation_scale_theta(angle, 1 / scale)."""
+    from edge_stn.data.mnist import load_mnist_split
+
+    digit = load_mnist_split("test").images[0]
+    canvas = np.zeros((42, 42), dtype=np.float32)
+    canvas[7:35, 7:35] = digit / 255.0
+    centre = (20.5, 20.5)
+
+    def unrotate(img: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        return F.grid_sample(
+            torch.from_numpy(img)[None, None].double(),
+            torch.from_numpy(affine_grid_np(theta, 42, 42))[None],
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )[0, 0].numpy()
+
+    for angle, scale in [(30.0, 1.0), (-40.0, 1.0), (20.0, 0.8)]:
+        m = cv2.getRotationMatrix2D(centre, angle, scale)
+        rotated = cv2.warpAffine(canvas, m, (42, 42), flags=cv2.INTER_LINEAR)
+        back = unrotate(rotated, rotation_scale_theta(angle, 1 / scale))
+        wrong_way = unrotate(rotated, rotation_scale_theta(-angle, 1 / scale))
+        err = np.abs(back - canvas).mean()
+        assert err < 0.25 * np.abs(wrong_way - canvas).mean()
+        assert err < 0.02
