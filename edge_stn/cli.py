@@ -34,6 +34,16 @@ def _need(module: str, extra: str, purpose: str) -> None:
         raise MissingExtraError(module, extra, purpose)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from edge_stn.training_config import load_train_config
 
@@ -54,7 +64,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _need("torch", "train", "evaluating a checkpoint")
     from edge_stn.evaluate import evaluate, evaluation_json
 
-    figure = Path(args.figure) if args.figure else path.with_name(path.stem + f"-{args.dataset.split(':')[0]}.png")
+    figure = (
+        Path(args.figure)
+        if args.figure
+        else path.with_name(path.stem + f"-{args.dataset.split(':')[0]}.png")
+    )
     ev = evaluate(path, args.dataset, passes=args.passes, figure=None if args.no_figure else figure)
     if args.json:
         print(evaluation_json(ev))
@@ -62,6 +76,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(ev.table())
     if args.json_out:
         Path(args.json_out).write_text(evaluation_json(ev) + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    for module in ("torch", "onnx"):
+        _need(module, "export", "exporting a model")
+    if not args.no_verify:
+        _need("onnxruntime", "cpu", "verifying an export")
+    from edge_stn.export.onnx_export import ExportOptions, export_model
+    from edge_stn.export.recipes import BatchProfile
+
+    try:
+        profile = BatchProfile.parse(args.batch_profile)
+    except ValueError as exc:
+        raise UsageError(f"--batch-profile: {exc}") from None
+    opts = ExportOptions(
+        opset=args.opset,
+        fp16=args.fp16,
+        with_canonical=args.with_canonical,
+        allow_opset_20=args.allow_opset_20,
+        allow_non_trt=args.allow_non_trt,
+        simplify=args.simplify,
+        verify=not args.no_verify,
+        batch_profile=profile,
+    )
+    result = export_model(Path(args.checkpoint), Path(args.out), opts)
+    print("\n".join(result.lines()))
     return 0
 
 
@@ -77,19 +118,49 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output folder (default: the config's 'out')")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"])
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
+    t.add_argument(
+        "--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)"
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="error rate with a 95%% confidence interval")
     e.add_argument("--model", required=True, help="checkpoint (.pt) or exported model (.onnx)")
     e.add_argument("--dataset", default="tc", help="tc, rts, windows or folder:DIR")
-    e.add_argument("--passes", type=int, default=10, help="distortions per test item (default 10)")
+    e.add_argument(
+        "--passes", type=_positive_int, default=10, help="distortions per test item (default 10)"
+    )
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--json-out", help="also write the JSON to this file")
     e.add_argument("--figure", help="PNG of inputs and STN outputs (default: beside the model)")
     e.add_argument("--no-figure", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="export a checkpoint to a verified ONNX file for TensorRT")
+    x.add_argument("checkpoint", help="training checkpoint (.pt)")
+    x.add_argument("--out", required=True, help="the .onnx to write (sidecar: same name, .json)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset, 16-19 (default 17)")
+    x.add_argument("--fp16", action="store_true", help="FP16; theta and the grid stay FP32")
+    x.add_argument("--with-canonical", action="store_true", help="also output the canonical crop")
+    x.add_argument(
+        "--allow-opset-20",
+        action="store_true",
+        help="accept opset 20: for ONNX Runtime only (implies --allow-non-trt)",
+    )
+    x.add_argument(
+        "--allow-non-trt",
+        action="store_true",
+        help="export even if TensorRT cannot build the graph",
+    )
+    x.add_argument("--simplify", action="store_true", help="simplify with onnxslim, then verify")
+    x.add_argument("--no-verify", action="store_true", help="skip ONNX Runtime vs PyTorch")
+    x.add_argument(
+        "--batch-profile",
+        default="1,8,32",
+        metavar="MIN,OPT,MAX",
+        help="TensorRT batch sizes for trtexec and the metadata (default 1,8,32)",
+    )
+    x.set_defaults(func=cmd_export)
     return p
 
 
@@ -100,8 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"edge-stn: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -56,8 +56,7 @@ class MissingExtraError(EdgeStnError):
 
     def __init__(self, module: str, extra: str, purpose: str):
         super().__init__(
-            f"{purpose} needs the Python module '{module}': "
-            f"pip install 'edge-stn[{extra}]'"
+            f"{purpose} needs the Python module '{module}': pip install 'edge-stn[{extra}]'"
         )
         self.module = module
         self.extra = extra

@@ -59,8 +59,9 @@ def wilson_interval(errors: int, n: int, z: float = 1.959964) -> tuple[float, fl
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def scores_from_logits(logits: npt.NDArray[Any], labels: npt.NDArray[np.int64],
-                       label_names: list[str] | None = None) -> Scores:
+def scores_from_logits(
+    logits: npt.NDArray[Any], labels: npt.NDArray[np.int64], label_names: list[str] | None = None
+) -> Scores:
     pred = logits.argmax(axis=1)
     wrong = pred != labels
     k, n = int(wrong.sum()), int(labels.shape[0])
@@ -80,8 +81,12 @@ def to_input(images: npt.NDArray[np.uint8], device: torch.device | None = None) 
     return x.to(device) if device is not None else x
 
 
-def predict_torch(model: torch.nn.Module, images: npt.NDArray[np.uint8],
-                  device: torch.device | None = None, batch: int = 500) -> Predictions:
+def predict_torch(
+    model: torch.nn.Module,
+    images: npt.NDArray[np.uint8],
+    device: torch.device | None = None,
+    batch: int = 500,
+) -> Predictions:
     import torch
 
     was = model.training
@@ -97,11 +102,16 @@ def predict_torch(model: torch.nn.Module, images: npt.NDArray[np.uint8],
                     canon.append(out.canonical.float().cpu().numpy())
     finally:
         model.train(was)
-    return Predictions(np.concatenate(logits), np.concatenate(thetas) if thetas else None,
-                       np.concatenate(canon) if canon else None)
+    return Predictions(
+        np.concatenate(logits),
+        np.concatenate(thetas) if thetas else None,
+        np.concatenate(canon) if canon else None,
+    )
 
 
-def score_torch(model: torch.nn.Module, samples: Samples, device: torch.device | None = None) -> Scores:
+def score_torch(
+    model: torch.nn.Module, samples: Samples, device: torch.device | None = None
+) -> Scores:
     return scores_from_logits(predict_torch(model, samples.images, device).logits, samples.labels)
 
 
@@ -115,7 +125,9 @@ def predict_onnx(path: Path, images: npt.NDArray[np.uint8], batch: int = 500) ->
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-        raise ModelError(f"ONNX Runtime cannot load it: {str(exc).splitlines()[0][:200]}", path=path) from None
+        raise ModelError(
+            f"ONNX Runtime cannot load it: {str(exc).splitlines()[0][:200]}", path=path
+        ) from None
     names = [o.name for o in sess.get_outputs()]
     if "logits" not in names:
         raise ModelError(f"model has no 'logits' output (outputs: {names})", path=path)
@@ -130,8 +142,9 @@ def predict_onnx(path: Path, images: npt.NDArray[np.uint8], batch: int = 500) ->
     return Predictions(cat["logits"], cat.get("theta"), cat.get("canonical"))
 
 
-def canonical_from_theta(images: npt.NDArray[np.uint8], theta: npt.NDArray[np.float32],
-                         out_size: tuple[int, int]) -> npt.NDArray[np.float32]:
+def canonical_from_theta(
+    images: npt.NDArray[np.uint8], theta: npt.NDArray[np.float32], out_size: tuple[int, int]
+) -> npt.NDArray[np.float32]:
     """The STN output recomputed from theta with OpenCV (the runtime's crop path)."""
     import cv2
 
@@ -141,17 +154,49 @@ def canonical_from_theta(images: npt.NDArray[np.uint8], theta: npt.NDArray[np.fl
     oh, ow = out_size
     out = np.zeros((n, 1, oh, ow), dtype=np.float32)
     for i in range(n):
-        m = frame_from_crop(theta[i], window_origin=(0.0, 0.0), window_scale=1.0,
-                            model_size=(w, h), crop_size=(ow, oh))
-        out[i, 0] = cv2.warpAffine(images[i, 0].astype(np.float32) / 255.0, m, (ow, oh),
-                                   flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        m = frame_from_crop(
+            theta[i],
+            window_origin=(0.0, 0.0),
+            window_scale=1.0,
+            model_size=(w, h),
+            crop_size=(ow, oh),
+        )
+        out[i, 0] = cv2.warpAffine(
+            images[i, 0].astype(np.float32) / 255.0,
+            m,
+            (ow, oh),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
     return out
 
 
-def save_figure(path: Path, images: npt.NDArray[np.uint8], canonical: npt.NDArray[np.float32] | None,
-                labels: npt.NDArray[np.int64], logits: npt.NDArray[np.float32],
-                label_names: list[str], title: str, count: int = 24) -> None:
+def stn_pose(theta: npt.NDArray[np.float32]) -> dict[str, float]:
+    """What the transformer does, summarized: zoom (output magnification against the identity
+    view, 1/sqrt|det A|), rotation and shift of theta = [A | t]."""
+    a = theta[:, :, :2].astype(np.float64)
+    det = np.abs(np.linalg.det(a))
+    zoom = 1.0 / np.sqrt(np.maximum(det, 1e-12))
+    rot = np.degrees(np.arctan2(a[:, 1, 0], a[:, 0, 0]))
+    shift = np.abs(theta[:, :, 2]).mean(axis=1)
+    return {
+        "median_zoom": float(np.median(zoom)),
+        "mean_abs_rotation_deg": float(np.abs(rot).mean()),
+        "mean_abs_shift": float(shift.mean()),
+    }
+
+
+def save_figure(
+    path: Path,
+    images: npt.NDArray[np.uint8],
+    canonical: npt.NDArray[np.float32] | None,
+    labels: npt.NDArray[np.int64],
+    logits: npt.NDArray[np.float32],
+    label_names: list[str],
+    title: str,
+    count: int = 24,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,11 +217,20 @@ def save_figure(path: Path, images: npt.NDArray[np.uint8], canonical: npt.NDArra
             if i >= count:
                 continue
             if j == 0:
-                ax.imshow(images[i, 0] if images.shape[1] == 1 else images[i].transpose(1, 2, 0)[..., ::-1],
-                          cmap="gray", vmin=0, vmax=255)
+                ax.imshow(
+                    images[i, 0]
+                    if images.shape[1] == 1
+                    else images[i].transpose(1, 2, 0)[..., ::-1],
+                    cmap="gray",
+                    vmin=0,
+                    vmax=255,
+                )
                 ok = pred[i] == labels[i]
-                ax.set_title(f"{label_names[labels[i]]}->{label_names[pred[i]]}", fontsize=7,
-                             color="black" if ok else "red")
+                ax.set_title(
+                    f"{label_names[labels[i]]}->{label_names[pred[i]]}",
+                    fontsize=7,
+                    color="black" if ok else "red",
+                )
             else:
                 assert canonical is not None
                 ax.imshow(canonical[i, 0], cmap="gray", vmin=0, vmax=1)
@@ -202,6 +256,7 @@ class Evaluation:
     per_class_error: dict[str, float]
     seconds: float
     figure: str | None
+    stn_pose: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -213,8 +268,16 @@ class Evaluation:
             f"model     {self.model} ({self.kind})",
             f"dataset   {self.dataset}: {self.samples} samples ({self.passes} distortions per test item, seed {self.seed})",
             f"error     {100 * self.error:.2f}%  (95% CI {100 * self.ci95[0]:.2f}-{100 * self.ci95[1]:.2f}%, {self.errors} wrong)",
-            "per class " + "  ".join(f"{k}:{100 * v:.1f}%" for k, v in self.per_class_error.items()),
+            "per class "
+            + "  ".join(f"{k}:{100 * v:.1f}%" for k, v in self.per_class_error.items()),
         ]
+        if self.stn_pose:
+            p = self.stn_pose
+            lines.append(
+                f"STN pose  median zoom {p['median_zoom']:.2f}x, "
+                f"mean |rotation| {p['mean_abs_rotation_deg']:.1f} deg, "
+                f"mean |shift| {p['mean_abs_shift']:.2f} (normalized)"
+            )
         if self.figure:
             lines.append(f"figure    {self.figure}")
         return "\n".join(lines)
@@ -233,8 +296,14 @@ def _test_source(dataset: str, meta: dict[str, Any]) -> SampleSource:
         root = Path(dataset.split(":", 1)[1])
         h, w = meta["in_size"]
         scan = scan_folder(root, labels=meta["labels"])
-        return FolderSource(scan, split="test", size=(h, w), channels=meta["in_channels"],
-                            test_fraction=meta.get("test_fraction", 0.2), seed=meta.get("seed", 0))
+        return FolderSource(
+            scan,
+            split="test",
+            size=(h, w),
+            channels=meta["in_channels"],
+            test_fraction=meta.get("test_fraction", 0.2),
+            seed=meta.get("seed", 0),
+        )
     if dataset == "windows":
         from edge_stn.data.windows_data import build_window_sources
 
@@ -242,8 +311,16 @@ def _test_source(dataset: str, meta: dict[str, Any]) -> SampleSource:
     raise DataError(f"unknown dataset {dataset!r}: expected tc, rts, windows or folder:DIR")
 
 
-def evaluate(model_path: Path, dataset: str, *, passes: int = 10, seed: int = EVAL_SEED,
-             figure: Path | None = None) -> Evaluation:
+def evaluate(
+    model_path: Path,
+    dataset: str,
+    *,
+    passes: int = 10,
+    seed: int = EVAL_SEED,
+    figure: Path | None = None,
+) -> Evaluation:
+    if passes < 1:
+        raise DataError(f"passes must be at least 1, got {passes}")
     t0 = time.time()
     model_path = Path(model_path)
     if model_path.suffix == ".onnx":
@@ -251,9 +328,16 @@ def evaluate(model_path: Path, dataset: str, *, passes: int = 10, seed: int = EV
 
         doc = read_model_metadata(model_path)
         inp = doc["input"]
-        meta = {"in_size": (inp["height"], inp["width"]), "in_channels": inp["channels"],
-                "labels": doc["labels"], "windows": doc.get("window"),
-                **(doc.get("training", {}).get("folder") or {})}
+        meta = {
+            "in_size": (inp["height"], inp["width"]),
+            "in_channels": inp["channels"],
+            "labels": doc["labels"],
+            "stn_out": (doc["stn"]["output_height"], doc["stn"]["output_width"])
+            if doc.get("stn")
+            else (28, 28),
+            "windows": doc.get("window"),
+            **(doc.get("training", {}).get("folder") or {}),
+        }
         kind = "onnx"
     else:
         from edge_stn.checkpoint import load_checkpoint
@@ -261,16 +345,26 @@ def evaluate(model_path: Path, dataset: str, *, passes: int = 10, seed: int = EV
         ckpt = load_checkpoint(model_path)
         spec = ckpt["spec"]
         folder_cfg = ckpt["config"]["data"].get("folder") or {}
-        meta = {"in_size": tuple(spec["in_size"]), "in_channels": spec["in_channels"],
-                "labels": ckpt["labels"], "windows": ckpt["config"]["data"].get("windows"),
-                "test_fraction": folder_cfg.get("test_fraction", 0.2), "seed": ckpt["config"]["seed"]}
+        meta = {
+            "in_size": tuple(spec["in_size"]),
+            "in_channels": spec["in_channels"],
+            "labels": ckpt["labels"],
+            "stn_out": tuple(spec["stn_out"]),
+            "windows": ckpt["config"]["data"].get("windows"),
+            "test_fraction": folder_cfg.get("test_fraction", 0.2),
+            "seed": ckpt["config"]["seed"],
+        }
         kind = f"checkpoint, {spec['arch']}"
     source = _test_source(dataset, meta)
     if tuple(source.size) != tuple(meta["in_size"]):
-        raise DataError(f"the model takes {meta['in_size'][0]}x{meta['in_size'][1]} inputs but "
-                        f"data set '{dataset}' is {source.size[0]}x{source.size[1]}")
+        raise DataError(
+            f"the model takes {meta['in_size'][0]}x{meta['in_size'][1]} inputs but "
+            f"data set '{dataset}' is {source.size[0]}x{source.size[1]}"
+        )
     if len(source.label_names) != len(meta["labels"]):
-        raise DataError(f"the model has {len(meta['labels'])} classes, data set '{dataset}' has {len(source.label_names)}")
+        raise DataError(
+            f"the model has {len(meta['labels'])} classes, data set '{dataset}' has {len(source.label_names)}"
+        )
     samples = draw_passes(source, passes, seed=seed, shuffle=False)
     if kind == "onnx":
         preds = predict_onnx(model_path, samples.images)
@@ -279,16 +373,38 @@ def evaluate(model_path: Path, dataset: str, *, passes: int = 10, seed: int = EV
 
         preds = predict_torch(model_from_checkpoint(ckpt, model_path), samples.images)
     sc = scores_from_logits(preds.logits, samples.labels, list(meta["labels"]))
-    canonical = preds.canonical
+    # The figure shows samples spread over the whole (digit-ordered) set, so every class appears.
+    pick = np.unique(np.linspace(0, samples.labels.shape[0] - 1, 24).astype(np.int64))
+    canonical = None if preds.canonical is None else preds.canonical[pick]
     if canonical is None and preds.theta is not None and samples.images.shape[1] == 1:
-        out_hw = (28, 28)
-        canonical = canonical_from_theta(samples.images[:24], preds.theta[:24], out_hw)
+        canonical = canonical_from_theta(
+            samples.images[pick], preds.theta[pick], tuple(meta["stn_out"])
+        )
     if figure is not None:
-        save_figure(figure, samples.images, canonical, samples.labels, preds.logits,
-                    list(meta["labels"]), f"{model_path.name} on {dataset}: error {100 * sc.error:.2f}%")
-    return Evaluation(str(model_path), kind, dataset, passes, seed, sc.samples, sc.errors, sc.error,
-                      (sc.ci_low, sc.ci_high), sc.per_class_error, round(time.time() - t0, 2),
-                      str(figure) if figure else None)
+        save_figure(
+            figure,
+            samples.images[pick],
+            canonical,
+            samples.labels[pick],
+            preds.logits[pick],
+            list(meta["labels"]),
+            f"{model_path.name} on {dataset}: error {100 * sc.error:.2f}%",
+        )
+    return Evaluation(
+        str(model_path),
+        kind,
+        dataset,
+        passes,
+        seed,
+        sc.samples,
+        sc.errors,
+        sc.error,
+        (sc.ci_low, sc.ci_high),
+        sc.per_class_error,
+        round(time.time() - t0, 2),
+        str(figure) if figure else None,
+        None if preds.theta is None else stn_pose(preds.theta),
+    )
 
 
 def evaluation_json(ev: Evaluation) -> str:

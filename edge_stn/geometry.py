@@ -113,7 +113,7 @@ def frame_from_crop(
 
 def invert_affine(matrix: npt.ArrayLike) -> FloatArray:
     """Inverse of a 2x3 (or 3x3) affine, returned as 2x3."""
-    return np.linalg.inv(as_3x3(matrix))[:2]
+    return np.asarray(np.linalg.inv(as_3x3(matrix))[:2], dtype=np.float64)
 
 
 def apply_affine(matrix: npt.ArrayLike, points: npt.ArrayLike) -> FloatArray:

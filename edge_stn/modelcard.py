@@ -23,7 +23,9 @@ from edge_stn.evaluate import evaluate, to_input
 from edge_stn.nn.models import count_flops
 
 
-def latency_ms(model: torch.nn.Module, shape: tuple[int, ...], batch: int, repeats: int = 5) -> float:
+def latency_ms(
+    model: torch.nn.Module, shape: tuple[int, ...], batch: int, repeats: int = 5
+) -> float:
     """Median over ``repeats`` rounds of the per-image time, in milliseconds."""
     x = to_input(np.random.default_rng(0).integers(0, 255, size=(batch, *shape), dtype=np.uint8))
     rounds = []
@@ -47,24 +49,33 @@ def measure(path: Path) -> dict[str, Any]:
     ev = evaluate(path, dataset, passes=ckpt["config"]["data"]["eval_passes"], figure=None)
     shape = (spec["in_channels"], *spec["in_size"])
     return {
-        "model": path.name, "arch": spec["arch"], "dataset": dataset,
+        "model": path.name,
+        "arch": spec["arch"],
+        "dataset": dataset,
         "input": f"{spec['in_size'][0]}x{spec['in_size'][1]}",
-        "error": ev.error, "ci95": list(ev.ci95), "samples": ev.samples,
+        "error": ev.error,
+        "ci95": list(ev.ci95),
+        "samples": ev.samples,
         "mmacs": count_flops(model, spec["in_channels"], tuple(spec["in_size"])) / 1e6,
         "params": sum(p.numel() for p in model.parameters()),
-        "ms_b1": latency_ms(model, shape, 1), "ms_b32": latency_ms(model, shape, 32),
+        "ms_b1": latency_ms(model, shape, 1),
+        "ms_b32": latency_ms(model, shape, 32),
         "epochs": int(ckpt["epoch"]) + 1,
         "train_minutes": round(sum(r["seconds"] for r in ckpt["metrics"]) / 60, 1),
     }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    out = ["| model | arch | data | input | test error (95% CI) | MMACs/image | params | CPU ms/image b1 | b32 | epochs | train min |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| model | arch | data | input | test error (95% CI) | MMACs/image | params | CPU ms/image b1 | b32 | epochs | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['model']} | {r['arch']} | {r['dataset']} | {r['input']} | {100 * r['error']:.2f}% "
-                   f"({100 * r['ci95'][0]:.2f}-{100 * r['ci95'][1]:.2f}) | {r['mmacs']:.1f} | {r['params']:,} | "
-                   f"{r['ms_b1']:.2f} | {r['ms_b32']:.3f} | {r['epochs']} | {r['train_minutes']} |")
+        out.append(
+            f"| {r['model']} | {r['arch']} | {r['dataset']} | {r['input']} | {100 * r['error']:.2f}% "
+            f"({100 * r['ci95'][0]:.2f}-{100 * r['ci95'][1]:.2f}) | {r['mmacs']:.1f} | {r['params']:,} | "
+            f"{r['ms_b1']:.2f} | {r['ms_b32']:.3f} | {r['epochs']} | {r['train_minutes']} |"
+        )
     return "\n".join(out)
 
 
@@ -76,8 +87,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = [measure(p) for p in sorted(Path(args.models).glob("*.pt"))]
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

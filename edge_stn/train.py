@@ -80,10 +80,17 @@ def _pick_device(choice: str) -> torch.device:
 def spec_for(cfg: TrainConfig, sources: DataSources) -> ModelSpec:
     m = cfg.model
     return ModelSpec(
-        arch=cfg.arch, in_channels=sources.train.channels, in_size=tuple(sources.train.size),  # type: ignore[arg-type]
-        num_classes=len(sources.label_names), widths=m.widths, dropout=m.dropout,
-        stn_out=m.stn_out, padding_mode=m.padding_mode, loc_downsample=m.loc_downsample,
-        loc_channels=m.loc_channels, loc_hidden=m.loc_hidden,
+        arch=cfg.arch,
+        in_channels=sources.train.channels,
+        in_size=tuple(sources.train.size),  # type: ignore[arg-type]
+        num_classes=len(sources.label_names),
+        widths=m.widths,
+        dropout=m.dropout,
+        stn_out=m.stn_out,
+        padding_mode=m.padding_mode,
+        loc_downsample=m.loc_downsample,
+        loc_channels=m.loc_channels,
+        loc_hidden=m.loc_hidden,
     )
 
 
@@ -99,8 +106,14 @@ def _param_groups(model: STCNN | PlainCNN, cfg: TrainConfig) -> list[dict[str, A
     return [{"params": list(model.parameters()), "lr": cfg.optim.lr}]
 
 
-def random_thetas(n: int, generator: torch.Generator, *, angle: float = 20.0,
-                  scale: tuple[float, float] = (0.85, 1.15), shift: float = 0.15) -> torch.Tensor:
+def random_thetas(
+    n: int,
+    generator: torch.Generator,
+    *,
+    angle: float = 20.0,
+    scale: tuple[float, float] = (0.85, 1.15),
+    shift: float = 0.15,
+) -> torch.Tensor:
     """Random similarity transforms (normalized theta) for the consistency loss."""
     a = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(angle)
     s = scale[0] + torch.rand(n, generator=generator) * (scale[1] - scale[0])
@@ -109,11 +122,16 @@ def random_thetas(n: int, generator: torch.Generator, *, angle: float = 20.0,
     return torch.stack([torch.stack([c, -si, t[:, 0]], 1), torch.stack([si, c, t[:, 1]], 1)], 1)
 
 
-def consistency_loss(model: STCNN, x: torch.Tensor, canonical: torch.Tensor,
-                     generator: torch.Generator) -> torch.Tensor:
+def consistency_loss(
+    model: STCNN, x: torch.Tensor, canonical: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """The canonical crop of x and of a re-transformed x should agree (pose invariance)."""
     thetas = random_thetas(x.shape[0], generator).to(x.device)
-    x2 = model.transformer.warp(x, thetas)
+    # Re-transform at the input's own size (the transformer's warp would give its output size).
+    grid = F.affine_grid(thetas, list(x.shape), align_corners=False)
+    x2 = F.grid_sample(
+        x, grid, mode="bilinear", padding_mode=model.transformer.padding_mode, align_corners=False
+    )
     canonical2, _ = model.transformer(x2)
     return F.mse_loss(canonical2, canonical.detach())
 
@@ -141,8 +159,9 @@ def _progress(iterable: Any, enabled: bool, **kw: Any) -> Any:
     return tqdm(iterable, **kw)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-          max_steps: int | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_steps: int | None = None
+) -> TrainResult:
     """Train per ``cfg``. ``max_steps`` stops early (tests), after the step count, mid-epoch."""
     t_start = time.time()
     device = _pick_device(cfg.device)
@@ -154,7 +173,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     out = cfg.out
     last_path, best_path = out / "last.pt", out / "best.pt"
     if not resume and last_path.exists():
-        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a training run; pass --resume to continue it or choose another --out"
+        )
     ckpt: dict[str, Any] | None = None
     if resume:
         if not last_path.exists():
@@ -164,7 +185,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     sources = build_sources(cfg)
     spec = spec_for(cfg, sources)
     if ckpt is not None and ModelSpec.from_dict(ckpt["spec"]) != spec:
-        raise CheckpointError("the checkpoint's model spec differs from this config's", path=last_path)
+        raise CheckpointError(
+            "the checkpoint's model spec differs from this config's", path=last_path
+        )
     torch.manual_seed(cfg.seed)
     model = build_model(spec).to(device)
     flops = count_flops(model, spec.in_channels, spec.in_size)
@@ -173,7 +196,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     steps_per_epoch = max(1, per_rank // cfg.optim.batch_size)
     total_steps = cfg.optim.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps, pct_start=0.2,
+        opt,
+        max_lr=[g["lr"] for g in opt.param_groups],
+        total_steps=total_steps,
+        pct_start=0.2,
     )
     rows: list[dict[str, Any]] = []
     start_epoch, best_val = 0, math.inf
@@ -194,15 +220,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     verify = Samples(verify.images[:VERIFY_IMAGES], verify.labels[:VERIFY_IMAGES])
     gen = torch.Generator().manual_seed(cfg.seed)
     base_payload = {
-        "spec": spec.to_dict(), "labels": sources.label_names,
+        "spec": spec.to_dict(),
+        "labels": sources.label_names,
         "background_label": sources.background_label,
-        "input": {"pixel_scale": 1.0 / 255.0, "mean": 0.0, "std": 1.0,
-                  "color": "gray" if spec.in_channels == 1 else "bgr"},
+        "input": {
+            "pixel_scale": 1.0 / 255.0,
+            "mean": 0.0,
+            "std": 1.0,
+            "color": "gray" if spec.in_channels == 1 else "bgr",
+        },
         "dataset": {"name": cfg.dataset, "description": sources.description},
         "window": getattr(sources.train, "window_info", None),
         "config": json.loads(cfg.model_dump_json()),
-        "flops": flops, "producer": {"edge_stn": __version__, "torch": str(torch.__version__)},
-        "verify_images": torch.from_numpy(verify.images), "verify_labels": torch.from_numpy(verify.labels),
+        "flops": flops,
+        "producer": {"edge_stn": __version__, "torch": str(torch.__version__)},
+        "verify_images": torch.from_numpy(verify.images),
+        "verify_labels": torch.from_numpy(verify.labels),
     }
     steps_done = 0
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -212,8 +245,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         order = np.random.default_rng(cfg.seed + epoch).permutation(len(samples))
         net.train()
         loss_sum, wrong, seen = 0.0, 0, 0
-        bar = _progress(range(steps_per_epoch), progress and d.main,
-                        desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, unit="batch")
+        bar = _progress(
+            range(steps_per_epoch),
+            progress and d.main,
+            desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+            leave=False,
+            unit="batch",
+        )
         for step in bar:
             idx = order[step * cfg.optim.batch_size : (step + 1) * cfg.optim.batch_size]
             x = to_input(samples.images[idx], device)
@@ -221,7 +259,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             outp = net(x)
             loss = F.cross_entropy(outp.logits, y, label_smoothing=cfg.optim.label_smoothing)
             if cfg.optim.consistency_weight > 0 and isinstance(model, STCNN):
-                loss = loss + cfg.optim.consistency_weight * consistency_loss(model, x, outp.canonical, gen)
+                loss = loss + cfg.optim.consistency_weight * consistency_loss(
+                    model, x, outp.canonical, gen
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -238,26 +278,40 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         val_err = None
         if val_samples is not None and d.main:
             val_err = score_torch(model, val_samples, device).error
-        row = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(seen, 1), 5),
-               "train_error": round(wrong / max(seen, 1), 5),
-               "val_error": None if val_err is None else round(val_err, 5),
-               "lr": round(sched.get_last_lr()[0], 7), "seconds": round(time.time() - t0, 2)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": round(loss_sum / max(seen, 1), 5),
+            "train_error": round(wrong / max(seen, 1), 5),
+            "val_error": None if val_err is None else round(val_err, 5),
+            "lr": round(float(sched.get_last_lr()[0]), 7),
+            "seconds": round(time.time() - t0, 2),
+        }
         rows.append(row)
         if d.main:
             logger.info("epoch %d: %s", epoch + 1, row)
             if progress:
-                print(f"epoch {epoch + 1:3d}/{cfg.optim.epochs}  loss {row['train_loss']:.4f}  "
-                      f"train err {100 * row['train_error']:.2f}%  "
-                      + (f"val err {100 * val_err:.2f}%  " if val_err is not None else "")
-                      + f"{row['seconds']:.0f}s", flush=True)
+                print(
+                    f"epoch {epoch + 1:3d}/{cfg.optim.epochs}  loss {loss_sum / max(seen, 1):.4f}  "
+                    f"train err {100 * wrong / max(seen, 1):.2f}%  "
+                    + ("" if val_err is None else f"val err {100 * val_err:.2f}%  ")
+                    + f"{row['seconds']:.0f}s",
+                    flush=True,
+                )
             improved = val_err is None or val_err <= best_val
             if val_err is not None and improved:
                 best_val = val_err
-            payload = {**base_payload, "state_dict": model.state_dict(), "epoch": epoch,
-                       "metrics": rows, "best_val_error": best_val}
+            payload = {
+                **base_payload,
+                "state_dict": model.state_dict(),
+                "epoch": epoch,
+                "metrics": rows,
+                "best_val_error": best_val,
+            }
             out.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(last_path, {**payload, "optimizer": opt.state_dict(),
-                                        "scheduler": sched.state_dict()})
+            save_checkpoint(
+                last_path,
+                {**payload, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+            )
             if improved:
                 save_checkpoint(best_path, payload)
             _write_metrics(out, rows)
@@ -272,15 +326,44 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         test = draw_passes(sources.test, cfg.data.eval_passes, seed=2_024, shuffle=False)
         res = score_torch(model, test, device)
         test_err, ci = res.error, (res.ci_low, res.ci_high)
-        summary = {"name": cfg.name, "arch": cfg.arch, "dataset": cfg.dataset,
-                   "best_epoch": int(best["epoch"]) + 1, "val_error": best_val if best_val < math.inf else None,
-                   "test_error": test_err, "test_ci95": list(ci), "test_samples": res.samples,
-                   "flops_per_image": flops, "train_seconds": round(time.time() - t_start, 1)}
+        # The held-out score travels with the selected checkpoint (the export embeds it).
+        best["test"] = {
+            "error": test_err,
+            "ci95": list(ci),
+            "samples": res.samples,
+            "passes": cfg.data.eval_passes,
+            "seed": 2_024,
+        }
+        save_checkpoint(
+            best_path, {k: v for k, v in best.items() if k not in ("format", "format_version")}
+        )
+        summary = {
+            "name": cfg.name,
+            "arch": cfg.arch,
+            "dataset": cfg.dataset,
+            "best_epoch": int(best["epoch"]) + 1,
+            "val_error": best_val if best_val < math.inf else None,
+            "test_error": test_err,
+            "test_ci95": list(ci),
+            "test_samples": res.samples,
+            "flops_per_image": flops,
+            "train_seconds": round(time.time() - t_start, 1),
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         if progress:
-            print(f"test error {100 * test_err:.2f}% (95% CI {100 * ci[0]:.2f}-{100 * ci[1]:.2f}%, "
-                  f"{res.samples} samples); checkpoints in {out}", flush=True)
+            print(
+                f"test error {100 * test_err:.2f}% (95% CI {100 * ci[0]:.2f}-{100 * ci[1]:.2f}%, "
+                f"{res.samples} samples); checkpoints in {out}",
+                flush=True,
+            )
     if d.world > 1:
         dist.destroy_process_group()
-    return TrainResult(out, best_path, last_path, None if best_val == math.inf else best_val,
-                       test_err, ci, time.time() - t_start)
+    return TrainResult(
+        out,
+        best_path,
+        last_path,
+        None if best_val == math.inf else best_val,
+        test_err,
+        ci,
+        time.time() - t_start,
+    )

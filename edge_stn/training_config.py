@@ -21,15 +21,23 @@ class FolderData(Strict):
     size: tuple[int, int] = Field((48, 48), description="model input (height, width)")
     channels: Literal[1, 3] = 1
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="images held out, per class")
-    background: str | None = Field(None, description="name of the class folder that means 'no object'")
+    background: str | None = Field(
+        None, description="name of the class folder that means 'no object'"
+    )
 
 
 class DataConfig(Strict):
-    val_per_class: int = Field(40, ge=0, le=200, description="validation digits per class, carved from the training split")
-    passes_per_epoch: int = Field(2, ge=1, description="fresh distortions of every training item per epoch")
+    val_per_class: int = Field(
+        40, ge=0, le=200, description="validation digits per class, carved from the training split"
+    )
+    passes_per_epoch: int = Field(
+        2, ge=1, description="fresh distortions of every training item per epoch"
+    )
     eval_passes: int = Field(10, ge=1, description="distortions per test item when scoring")
     folder: FolderData | None = None
-    windows: dict[str, Any] | None = Field(None, description="options of the detection-window data set")
+    windows: dict[str, Any] | None = Field(
+        None, description="options of the detection-window data set"
+    )
 
 
 class ModelConfig(Strict):
@@ -47,9 +55,13 @@ class OptimConfig(Strict):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(3e-3, gt=0.0, description="peak learning rate of the one-cycle schedule")
     weight_decay: float = Field(1e-4, ge=0.0)
-    loc_lr_scale: float = Field(0.3, gt=0.0, description="learning-rate multiplier of the localization net")
+    loc_lr_scale: float = Field(
+        0.3, gt=0.0, description="learning-rate multiplier of the localization net"
+    )
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    consistency_weight: float = Field(0.0, ge=0.0, description="transformation-consistency loss weight (ST-CNN only)")
+    consistency_weight: float = Field(
+        0.0, ge=0.0, description="transformation-consistency loss weight (ST-CNN only)"
+    )
 
 
 class TrainConfig(Strict):
@@ -58,7 +70,9 @@ class TrainConfig(Strict):
     arch: Literal["stcnn", "cnn"] = "stcnn"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (default: torch's choice)"
+    )
     out: Path = Path("runs/model")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -86,13 +100,17 @@ def load_yaml_mapping(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(f"{where}not valid YAML ({getattr(exc, 'problem', exc)})", path=path) from None
+        raise ConfigError(
+            f"{where}not valid YAML ({getattr(exc, 'problem', exc)})", path=path
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read ({exc})", path=path) from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
-        raise ConfigError(f"expected a mapping at the top level, got {type(doc).__name__}", path=path)
+        raise ConfigError(
+            f"expected a mapping at the top level, got {type(doc).__name__}", path=path
+        )
     return doc
 
 

@@ -61,7 +61,9 @@ def place_window(box: npt.ArrayLike, spec: WindowSpec) -> WindowPlacement:
     return WindowPlacement(cx - side / 2.0, cy - side / 2.0, side / spec.size)
 
 
-def extract_window(gray: npt.NDArray[np.uint8], placement: WindowPlacement, size: int) -> npt.NDArray[np.uint8]:
+def extract_window(
+    gray: npt.NDArray[np.uint8], placement: WindowPlacement, size: int
+) -> npt.NDArray[np.uint8]:
     """Resample one window (``size x size``, uint8) from a grayscale frame.
 
     Outside the frame is black (0), like the model's zero padding. When the window shrinks the
@@ -73,26 +75,40 @@ def extract_window(gray: npt.NDArray[np.uint8], placement: WindowPlacement, size
     m = frame_from_window(placement.x0, placement.y0, s)[:2].copy()
     h, w = gray.shape
     # Work on the part of the frame the window covers (plus a border for the filter).
-    pad = 2 + int(math.ceil(2 * s))
-    fx0 = max(0, int(math.floor(placement.x0)) - pad)
-    fy0 = max(0, int(math.floor(placement.y0)) - pad)
-    fx1 = min(w, int(math.ceil(placement.x0 + size * s)) + pad)
-    fy1 = min(h, int(math.ceil(placement.y0 + size * s)) + pad)
+    pad = 2 + math.ceil(2 * s)
+    fx0 = max(0, math.floor(placement.x0) - pad)
+    fy0 = max(0, math.floor(placement.y0) - pad)
+    fx1 = min(w, math.ceil(placement.x0 + size * s) + pad)
+    fy1 = min(h, math.ceil(placement.y0 + size * s) + pad)
     if fx1 <= fx0 or fy1 <= fy0:
         return np.zeros((size, size), dtype=np.uint8)
     src = gray[fy0:fy1, fx0:fx1]
     if s > 1.0:
         sigma = 0.5 * math.sqrt(s * s - 1.0)
-        src = cv2.GaussianBlur(src, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE)
+        src = np.asarray(
+            cv2.GaussianBlur(
+                src, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE
+            ),
+            dtype=np.uint8,
+        )
     m[0, 2] -= fx0
     m[1, 2] -= fy0
-    return cv2.warpAffine(src, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return np.asarray(
+        cv2.warpAffine(
+            src,
+            m,
+            (size, size),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        ),
+        dtype=np.uint8,
+    )
 
 
-def extract_windows(gray: npt.NDArray[np.uint8], boxes: npt.ArrayLike, spec: WindowSpec) -> tuple[
-    npt.NDArray[np.uint8], list[WindowPlacement]
-]:
+def extract_windows(
+    gray: npt.NDArray[np.uint8], boxes: npt.ArrayLike, spec: WindowSpec
+) -> tuple[npt.NDArray[np.uint8], list[WindowPlacement]]:
     """All windows of a frame: ``(N, 1, size, size)`` uint8 and their placements."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     out = np.zeros((b.shape[0], 1, spec.size, spec.size), dtype=np.uint8)

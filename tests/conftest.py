@@ -23,9 +23,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
 
     out = tmp_path_factory.mktemp("smoke") / "run"
     doc = smoke_config_dict(out)
-    result = train(
-        TrainConfig.model_validate(doc), progress=False, max_steps=SMOKE_STEPS_PER_EPOCH
-    )
+    result = train(TrainConfig.model_validate(doc), progress=False, max_steps=SMOKE_STEPS_PER_EPOCH)
     return SmokeRun(out, result.best_path, result.last_path, doc, result.test_error)
 
 

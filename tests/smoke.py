@@ -19,7 +19,8 @@ SMOKE_STEPS_PER_EPOCH = (4000 - 10 * SMOKE_VAL_PER_CLASS) // SMOKE_BATCH  # 121
 def smoke_config_dict(out: Path, **changes: Any) -> dict[str, Any]:
     """The smoke model's training config (the YAML's mapping), writing to ``out``.
 
-    ``changes`` override entries, dotted for sections: ``smoke_config_dict(out, **{"optim.lr": 1})``.
+    ``changes`` override entries, dotted for sections:
+    ``smoke_config_dict(out, **{"optim.lr": 1.0})``.
     """
     doc: dict[str, Any] = {
         "name": "smoke",
@@ -31,7 +32,7 @@ def smoke_config_dict(out: Path, **changes: Any) -> dict[str, Any]:
         "out": str(out),
         "data": {"val_per_class": SMOKE_VAL_PER_CLASS, "passes_per_epoch": 1, "eval_passes": 1},
         "model": {
-            "widths": [8, 16, 32],
+            "widths": [16, 32, 64],
             "stn_out": [21, 21],
             "loc_downsample": 2,
             "loc_channels": [8, 8],

@@ -66,11 +66,15 @@ def test_norm_from_pixel_pins_the_formula() -> None:
             assert x == pytest.approx((2 * i + 1) / w - 1)
             assert y == pytest.approx((2 * j + 1) / h - 1)
     # The image's outer edges (-0.5 and n - 0.5 in pixels) are -1 and +1.
-    np.testing.assert_allclose(apply_affine(m[:2], [[-0.5, -0.5], [w - 0.5, h - 0.5]]), [[-1, -1], [1, 1]])
+    np.testing.assert_allclose(
+        apply_affine(m[:2], [[-0.5, -0.5], [w - 0.5, h - 0.5]]), [[-1, -1], [1, 1]]
+    )
 
 
 def test_pixel_from_norm_inverts_norm_from_pixel() -> None:
-    np.testing.assert_allclose(pixel_from_norm(13, 6) @ norm_from_pixel(13, 6), np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(
+        pixel_from_norm(13, 6) @ norm_from_pixel(13, 6), np.eye(3), atol=1e-12
+    )
 
 
 def test_frame_from_window_pins_the_formula() -> None:
@@ -131,7 +135,10 @@ def test_frame_from_crop_warpaffine_matches_grid_sample_on_digits() -> None:
             align_corners=False,
         )[0, 0].numpy()
         m = frame_from_crop(
-            theta, window_origin=(0.0, 0.0), window_scale=1.0, model_size=(w, h),
+            theta,
+            window_origin=(0.0, 0.0),
+            window_scale=1.0,
+            model_size=(w, h),
             crop_size=(out_w, out_h),
         )
         assert m.shape == (2, 3)
@@ -155,7 +162,10 @@ def test_frame_from_crop_composes_window_and_theta() -> None:
         theta = random_theta(rng)
         x0, y0, s = rng.uniform(-50, 300), rng.uniform(-50, 300), rng.uniform(0.3, 4.0)
         m = frame_from_crop(
-            theta, window_origin=(x0, y0), window_scale=s, model_size=(model_w, model_h),
+            theta,
+            window_origin=(x0, y0),
+            window_scale=s,
+            model_size=(model_w, model_h),
             crop_size=(crop_w, crop_h),
         )
         g = affine_grid_np(theta, crop_h, crop_w)  # window-normalized point of each crop pixel
@@ -167,7 +177,10 @@ def test_frame_from_crop_composes_window_and_theta() -> None:
         np.testing.assert_allclose(apply_affine(m, pts), expected.reshape(-1, 2), atol=1e-9)
         # The window's placement composes on the left of the scale-1 matrix.
         at_origin = frame_from_crop(
-            theta, window_origin=(0.0, 0.0), window_scale=1.0, model_size=(model_w, model_h),
+            theta,
+            window_origin=(0.0, 0.0),
+            window_scale=1.0,
+            model_size=(model_w, model_h),
             crop_size=(crop_w, crop_h),
         )
         np.testing.assert_allclose(m, (frame_from_window(x0, y0, s) @ as_3x3(at_origin))[:2])
@@ -226,8 +239,11 @@ def test_as_3x3_rejects_other_shapes() -> None:
 
 def test_crop_quad_of_identity_window_is_the_image_outline() -> None:
     m = frame_from_crop(
-        np.array([[1.0, 0, 0], [0, 1.0, 0]]), window_origin=(10.0, 20.0), window_scale=2.0,
-        model_size=(30, 30), crop_size=(15, 15),
+        np.array([[1.0, 0, 0], [0, 1.0, 0]]),
+        window_origin=(10.0, 20.0),
+        window_scale=2.0,
+        model_size=(30, 30),
+        crop_size=(15, 15),
     )
     # The whole window, whatever the crop size: frame [10, 70) x [20, 80) in edge coordinates.
     np.testing.assert_allclose(

@@ -7,4 +7,11 @@ from edge_stn.data.base import Samples, SampleSource
 from edge_stn.data.distort import RTSGenerator, TCGenerator
 from edge_stn.data.mnist import DigitPool, load_mnist_split
 
-__all__ = ["DigitPool", "RTSGenerator", "SampleSource", "Samples", "TCGenerator", "load_mnist_split"]
+__all__ = [
+    "DigitPool",
+    "RTSGenerator",
+    "SampleSource",
+    "Samples",
+    "TCGenerator",
+    "load_mnist_split",
+]

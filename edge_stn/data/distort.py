@@ -53,7 +53,9 @@ class TCGenerator:
                 sx, sy = src_xy[i, j]
                 dx, dy = dst_xy[i, j]
                 patch = imgs[src[i, j], sy : sy + c, sx : sx + c]
-                np.maximum(canvas[dy : dy + c, dx : dx + c], patch, out=canvas[dy : dy + c, dx : dx + c])
+                np.maximum(
+                    canvas[dy : dy + c, dx : dx + c], patch, out=canvas[dy : dy + c, dx : dx + c]
+                )
             x, y = pos[i]
             region = canvas[y : y + 28, x : x + 28]
             np.maximum(region, imgs[items[i]], out=region)
@@ -97,7 +99,7 @@ def place_transformed(
     out = cv2.warpAffine(
         image, m, (cw, ch), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
     )
-    return out, m
+    return np.asarray(out, dtype=np.uint8), np.asarray(m, dtype=np.float64)
 
 
 class RTSGenerator:

@@ -44,21 +44,31 @@ def scan_folder(root: Path, labels: list[str] | None = None) -> FolderScan:
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     stray = [p for p in entries if p.is_file()]
     if stray:
-        raise DataError(f"expected only class subfolders, found file '{stray[0].name}' at the top level "
-                        "(one subfolder per class, images inside)", path=root)
+        raise DataError(
+            f"expected only class subfolders, found file '{stray[0].name}' at the top level "
+            "(one subfolder per class, images inside)",
+            path=root,
+        )
     classes = [p.name for p in entries if p.is_dir()]
     if not classes:
         raise DataError("no class subfolders (expected one subfolder per class)", path=root)
     if labels is not None and classes != list(labels):
-        raise DataError(f"class folders {classes} differ from the model's labels {list(labels)}", path=root)
+        raise DataError(
+            f"class folders {classes} differ from the model's labels {list(labels)}", path=root
+        )
     if len(classes) < 2:
-        raise DataError(f"only one class ('{classes[0]}'): a classifier needs at least two", path=root)
+        raise DataError(
+            f"only one class ('{classes[0]}'): a classifier needs at least two", path=root
+        )
     files: list[tuple[Path, int]] = []
     for ci, name in enumerate(classes):
         imgs = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if len(imgs) < 2:
-            raise DataError(f"class folder has {len(imgs)} image(s); each class needs at least 2 "
-                            f"(suffixes {sorted(IMAGE_SUFFIXES)})", path=root / name)
+            raise DataError(
+                f"class folder has {len(imgs)} image(s); each class needs at least 2 "
+                f"(suffixes {sorted(IMAGE_SUFFIXES)})",
+                path=root / name,
+            )
         files.extend((p, ci) for p in imgs)
     return FolderScan(root, classes, files)
 
@@ -70,10 +80,12 @@ def _load(path: Path, size: tuple[int, int], channels: int) -> npt.NDArray[np.ui
         raise DataError("cannot read this image (corrupt or not an image)", path=path)
     h, w = size
     img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
-    return img if img.ndim == 3 else img[:, :, None]
+    return np.asarray(img if img.ndim == 3 else img[:, :, None], dtype=np.uint8)
 
 
-def _split(labels: npt.NDArray[np.int64], fraction: float, seed: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+def _split(
+    labels: npt.NDArray[np.int64], fraction: float, seed: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Per class, hold out ``fraction`` (at least one image); returns (rest, held_out)."""
     rng = np.random.default_rng(seed)
     rest, held = [], []
@@ -87,9 +99,20 @@ def _split(labels: npt.NDArray[np.int64], fraction: float, seed: int) -> tuple[n
 
 
 class FolderSource:
-    def __init__(self, scan: FolderScan, *, split: str, size: tuple[int, int], channels: int,
-                 test_fraction: float = 0.2, seed: int = 0, val_fraction: float = 0.0,
-                 angle: float = 45.0, scale: tuple[float, float] = (0.7, 1.2), translate: float = 0.15) -> None:
+    def __init__(
+        self,
+        scan: FolderScan,
+        *,
+        split: str,
+        size: tuple[int, int],
+        channels: int,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        val_fraction: float = 0.0,
+        angle: float = 45.0,
+        scale: tuple[float, float] = (0.7, 1.2),
+        translate: float = 0.15,
+    ) -> None:
         labels = np.array([c for _, c in scan.files], dtype=np.int64)
         train_idx, test_idx = _split(labels, test_fraction, seed)
         if split == "test":
@@ -118,7 +141,9 @@ class FolderSource:
             m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), a, s)
             m[0, 2] += rng.uniform(-self.translate, self.translate) * w
             m[1, 2] += rng.uniform(-self.translate, self.translate) * h
-            warped = cv2.warpAffine(self.images[item], m, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+            warped = cv2.warpAffine(
+                self.images[item], m, (w, h), flags=cv2.INTER_LINEAR, borderValue=0
+            )
             out[i] = (warped if warped.ndim == 3 else warped[:, :, None]).transpose(2, 0, 1)
         return Samples(out, self.labels[items].astype(np.int64))
 
@@ -128,14 +153,32 @@ def build_folder_sources(cfg: Any, seed: int, val_per_class: int) -> Any:
 
     scan = scan_folder(cfg.root)
     if cfg.background is not None and cfg.background not in scan.classes:
-        raise DataError(f"background class '{cfg.background}' is not one of the class folders {scan.classes}",
-                        path=cfg.root)
-    common = {"size": tuple(cfg.size), "channels": cfg.channels, "test_fraction": cfg.test_fraction, "seed": seed,
-              "val_fraction": 0.1 if val_per_class > 0 else 0.0}
+        raise DataError(
+            f"background class '{cfg.background}' is not one of the class folders {scan.classes}",
+            path=cfg.root,
+        )
+    common = {
+        "size": tuple(cfg.size),
+        "channels": cfg.channels,
+        "test_fraction": cfg.test_fraction,
+        "seed": seed,
+        "val_fraction": 0.1 if val_per_class > 0 else 0.0,
+    }
     train = FolderSource(scan, split="train", **common)
     val = FolderSource(scan, split="val", **common) if val_per_class > 0 else None
     test = FolderSource(scan, split="test", **common)
-    logger.info("image folder %s: %d classes, %d train / %d test images", cfg.root, len(scan.classes),
-                train.num_items(), test.num_items())
-    return DataSources(train, val, test, scan.classes, cfg.background,
-                       f"image folder {cfg.root} ({len(scan.classes)} classes), RTS-style augmentation")
+    logger.info(
+        "image folder %s: %d classes, %d train / %d test images",
+        cfg.root,
+        len(scan.classes),
+        train.num_items(),
+        test.num_items(),
+    )
+    return DataSources(
+        train,
+        val,
+        test,
+        scan.classes,
+        cfg.background,
+        f"image folder {cfg.root} ({len(scan.classes)} classes), RTS-style augmentation",
+    )

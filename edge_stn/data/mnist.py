@@ -52,9 +52,9 @@ def _load_raw() -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
     return images, labels
 
 
-def _stratified(labels: npt.NDArray[np.int64], seed: int, first: int) -> tuple[
-    npt.NDArray[np.int64], npt.NDArray[np.int64]
-]:
+def _stratified(
+    labels: npt.NDArray[np.int64], seed: int, first: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     rng = np.random.default_rng(seed)
     a: list[npt.NDArray[np.int64]] = []
     b: list[npt.NDArray[np.int64]] = []

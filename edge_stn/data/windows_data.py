@@ -25,9 +25,18 @@ BACKGROUND = "background"
 
 
 class WindowSource:
-    def __init__(self, pool: DigitPool, *, spec: WindowSpec | None = None, jitter: float = 0.06,
-                 background_fraction: float = 0.2, scale: tuple[float, float] = (0.8, 3.0),
-                 angle: float = 45.0, neighbours: int = 2, clutter: int = 4) -> None:
+    def __init__(
+        self,
+        pool: DigitPool,
+        *,
+        spec: WindowSpec | None = None,
+        jitter: float = 0.06,
+        background_fraction: float = 0.2,
+        scale: tuple[float, float] = (0.8, 3.0),
+        angle: float = 45.0,
+        neighbours: int = 2,
+        clutter: int = 4,
+    ) -> None:
         self.pool = pool
         self.spec = spec or WindowSpec()
         self.jitter = jitter
@@ -53,7 +62,9 @@ class WindowSource:
     def num_items(self) -> int:
         return len(self.pool) + self.n_background
 
-    def _jittered(self, box: tuple[float, float, float, float], rng: np.random.Generator) -> npt.NDArray[np.float64]:
+    def _jittered(
+        self, box: tuple[float, float, float, float], rng: np.random.Generator
+    ) -> npt.NDArray[np.float64]:
         b = np.array(box, dtype=np.float64)
         side = max(b[2] - b[0], b[3] - b[1])
         return b + rng.normal(0.0, self.jitter * side, size=4)
@@ -64,20 +75,40 @@ class WindowSource:
         c = size / 2.0
         places = []
         if target is not None:
-            places.append(DigitPlacement(target, float(rng.uniform(-self.angle, self.angle)), s,
-                                         c + rng.uniform(-2, 2) * s, c + rng.uniform(-2, 2) * s))
+            places.append(
+                DigitPlacement(
+                    target,
+                    float(rng.uniform(-self.angle, self.angle)),
+                    s,
+                    c + rng.uniform(-2, 2) * s,
+                    c + rng.uniform(-2, 2) * s,
+                )
+            )
         for _ in range(int(rng.integers(0, self.neighbours + 1))):
             a = rng.uniform(0, 2 * np.pi)
             d = 28 * s * rng.uniform(1.05, 1.4)
-            places.append(DigitPlacement(int(rng.integers(len(self.pool))), float(rng.uniform(-self.angle, self.angle)),
-                                         s * float(rng.uniform(0.8, 1.25)), c + d * np.cos(a), c + d * np.sin(a)))
-        return self.renderer.render(size, size, places, rng, clutter=int(rng.integers(0, self.clutter + 1))), size
+            places.append(
+                DigitPlacement(
+                    int(rng.integers(len(self.pool))),
+                    float(rng.uniform(-self.angle, self.angle)),
+                    s * float(rng.uniform(0.8, 1.25)),
+                    c + d * np.cos(a),
+                    c + d * np.sin(a),
+                )
+            )
+        return self.renderer.render(
+            size, size, places, rng, clutter=int(rng.integers(0, self.clutter + 1))
+        ), size
 
     def _background_box(self, rng: np.random.Generator) -> tuple[Any, npt.NDArray[np.float64]]:
-        scene, size = self._scene(int(rng.integers(len(self.pool))) if rng.random() < 0.5 else None, rng)
+        scene, size = self._scene(
+            int(rng.integers(len(self.pool))) if rng.random() < 0.5 else None, rng
+        )
         kind = rng.integers(3)
         if kind == 0 and scene.clutter_boxes:
-            return scene, self._jittered(scene.clutter_boxes[int(rng.integers(len(scene.clutter_boxes)))], rng)
+            return scene, self._jittered(
+                scene.clutter_boxes[int(rng.integers(len(scene.clutter_boxes)))], rng
+            )
         if kind == 1 and scene.objects:
             x0, y0, x1, y1 = scene.objects[int(rng.integers(len(scene.objects)))].box
             half = rng.integers(4)
@@ -111,7 +142,9 @@ def build_window_sources(options: dict[str, Any], val_per_class: int) -> Any:
     from edge_stn.data.mnist import load_mnist_split
 
     opts = dict(options)
-    spec = WindowSpec(**{k: opts.pop(k) for k in ("size", "context_margin", "min_side") if k in opts})
+    spec = WindowSpec(
+        **{k: opts.pop(k) for k in ("size", "context_margin", "min_side") if k in opts}
+    )
     for k in ("box", "background_label"):
         opts.pop(k, None)
     if "proposal_jitter" in opts:
@@ -127,5 +160,11 @@ def build_window_sources(options: dict[str, Any], val_per_class: int) -> Any:
     train = make(load_mnist_split("train", val_per_class=val_per_class))
     val = make(load_mnist_split("val", val_per_class=val_per_class)) if val_per_class > 0 else None
     test = make(load_mnist_split("test"))
-    return DataSources(train, val, test, list(train.label_names), BACKGROUND,
-                       "detection windows cut from synthetic digit scenes (edge_stn.windows), with a background class")
+    return DataSources(
+        train,
+        val,
+        test,
+        list(train.label_names),
+        BACKGROUND,
+        "detection windows cut from synthetic digit scenes (edge_stn.windows), with a background class",
+    )

@@ -2,11 +2,11 @@
 
 from edge_stn.nn.models import (
     ARCHITECTURES,
-    Classifier,
-    ModelSpec,
-    ModelOutput,
-    PlainCNN,
     STCNN,
+    Classifier,
+    ModelOutput,
+    ModelSpec,
+    PlainCNN,
     build_model,
     count_flops,
 )

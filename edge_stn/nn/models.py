@@ -50,7 +50,9 @@ class ModelSpec:
             kw[k] = tuple(v) if isinstance(v, list) else v
         spec = cls(**kw)
         if spec.arch not in ARCHITECTURES:
-            raise CheckpointError(f"unknown architecture {spec.arch!r}, expected one of {ARCHITECTURES}")
+            raise CheckpointError(
+                f"unknown architecture {spec.arch!r}, expected one of {ARCHITECTURES}"
+            )
         return spec
 
 
@@ -61,7 +63,11 @@ class ModelOutput(NamedTuple):
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class Classifier(nn.Module):
@@ -72,14 +78,21 @@ class Classifier(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, num_classes: int, widths: tuple[int, int, int] = (32, 64, 128),
+        self,
+        in_channels: int,
+        num_classes: int,
+        widths: tuple[int, int, int] = (32, 64, 128),
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
         w0, w1, w2 = widths
         self.features = nn.Sequential(
-            *_conv_bn(in_channels, w0), *_conv_bn(w0, w0), nn.MaxPool2d(2),
-            *_conv_bn(w0, w1), *_conv_bn(w1, w1), nn.MaxPool2d(2),
+            *_conv_bn(in_channels, w0),
+            *_conv_bn(w0, w0),
+            nn.MaxPool2d(2),
+            *_conv_bn(w0, w1),
+            *_conv_bn(w1, w1),
+            nn.MaxPool2d(2),
             *_conv_bn(w1, w2),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
@@ -97,8 +110,12 @@ class STCNN(nn.Module):
         super().__init__()
         self.spec = spec
         self.transformer = SpatialTransformer(
-            spec.in_channels, spec.in_size, spec.stn_out, padding_mode=spec.padding_mode,
-            loc_downsample=spec.loc_downsample, loc_channels=spec.loc_channels,
+            spec.in_channels,
+            spec.in_size,
+            spec.stn_out,
+            padding_mode=spec.padding_mode,
+            loc_downsample=spec.loc_downsample,
+            loc_channels=spec.loc_channels,
             loc_hidden=spec.loc_hidden,
         )
         self.classifier = Classifier(spec.in_channels, spec.num_classes, spec.widths, spec.dropout)

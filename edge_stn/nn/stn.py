@@ -96,7 +96,11 @@ class BilinearSampler(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         return F.grid_sample(
-            x, grid.to(x.dtype), mode="bilinear", padding_mode=self.padding_mode, align_corners=False
+            x,
+            grid.to(x.dtype),
+            mode="bilinear",
+            padding_mode=self.padding_mode,
+            align_corners=False,
         )
 
 
@@ -122,7 +126,11 @@ class SpatialTransformer(nn.Module):
         self.in_size = in_size
         self.out_size = out_size
         self.localization = LocalizationNet(
-            in_channels, in_size, downsample=loc_downsample, channels=loc_channels, hidden=loc_hidden
+            in_channels,
+            in_size,
+            downsample=loc_downsample,
+            channels=loc_channels,
+            hidden=loc_hidden,
         )
         self.grid = GridGenerator(out_size)
         self.sampler = BilinearSampler(padding_mode)

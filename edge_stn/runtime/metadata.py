@@ -26,8 +26,19 @@ METADATA_KEY = "edge_stn"
 SCHEMA_VERSION = 1
 SIDECAR_SUFFIX = ".json"
 
-_REQUIRED = ("schema_version", "labels", "background_label", "input", "outputs", "stn", "window",
-             "opset", "training", "created", "producer")
+_REQUIRED = (
+    "schema_version",
+    "labels",
+    "background_label",
+    "input",
+    "outputs",
+    "stn",
+    "window",
+    "opset",
+    "training",
+    "created",
+    "producer",
+)
 _INPUT_REQUIRED = ("name", "channels", "height", "width", "pixel_scale", "mean", "std", "color")
 _STN_REQUIRED = ("output_height", "output_width", "align_corners", "padding_mode")
 
@@ -57,7 +68,9 @@ def validate_document(doc: Any, *, path: str | Path | None = None) -> dict[str, 
     if missing:
         raise bad(f"missing fields {missing}")
     if doc["schema_version"] != SCHEMA_VERSION:
-        raise bad(f"schema_version {doc['schema_version']!r} is not supported (expected {SCHEMA_VERSION})")
+        raise bad(
+            f"schema_version {doc['schema_version']!r} is not supported (expected {SCHEMA_VERSION})"
+        )
     labels = doc["labels"]
     if not isinstance(labels, list) or not labels or not all(isinstance(s, str) for s in labels):
         raise bad("'labels' must be a non-empty list of strings")
@@ -73,7 +86,9 @@ def validate_document(doc: Any, *, path: str | Path | None = None) -> dict[str, 
     if not isinstance(inp["std"], (int, float)) or inp["std"] <= 0:
         raise bad(f"input.std must be a positive number, got {inp['std']!r}")
     outputs = doc["outputs"]
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) and "name" in o for o in outputs):
+    if not isinstance(outputs, list) or not all(
+        isinstance(o, dict) and "name" in o for o in outputs
+    ):
         raise bad("'outputs' must be a list of objects with a 'name'")
     names = [o["name"] for o in outputs]
     if "logits" not in names:
@@ -90,15 +105,18 @@ def validate_document(doc: Any, *, path: str | Path | None = None) -> dict[str, 
 def _metadata_props(path: Path) -> dict[str, str]:
     try:
         import onnx
-    except ImportError:
-        onnx = None
-    if onnx is not None:
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # protobuf's DecodeError and friends: the file is not ONNX
-            raise ModelError(f"not a readable ONNX model (truncated or corrupt?): {_first_line(exc)}",
-                             path=path) from None
-        return {p.key: p.value for p in model.metadata_props}
+    except ImportError:  # a gateway: ONNX Runtime reads it
+        return _metadata_props_ort(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: the file is not ONNX
+        raise ModelError(
+            f"not a readable ONNX model (truncated or corrupt?): {_first_line(exc)}", path=path
+        ) from None
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _metadata_props_ort(path: Path) -> dict[str, str]:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -124,14 +142,17 @@ def check_sidecar(path: str | Path, sha256: str | None = None) -> dict[str, Any]
     try:
         doc = json.loads(side.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"sidecar {side.name} is not valid JSON: {_first_line(exc)}", path=path) from None
+        raise ModelError(
+            f"sidecar {side.name} is not valid JSON: {_first_line(exc)}", path=path
+        ) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("sha256"), str):
         raise ModelError(f"sidecar {side.name} has no 'sha256' entry", path=path)
     actual = sha256 or file_sha256(path)
     if doc["sha256"].lower() != actual:
         raise ModelError(
-            f"sha256 {actual[:12]}... differs from its sidecar {side.name} ({doc['sha256'][:12]}...): "
-            "the model was changed or replaced after export; re-export it or remove the stale sidecar",
+            f"sha256 {actual[:12]}... differs from its sidecar {side.name} "
+            f"({doc['sha256'][:12]}...): the model was changed or replaced after export; "
+            "re-export it or remove the stale sidecar",
             path=path,
         )
     return doc
@@ -156,7 +177,9 @@ def read_model_metadata(path: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(props[METADATA_KEY])
     except json.JSONDecodeError as exc:
-        raise ModelError(f"embedded '{METADATA_KEY}' metadata is not valid JSON: {exc}", path=path) from None
+        raise ModelError(
+            f"embedded '{METADATA_KEY}' metadata is not valid JSON: {exc}", path=path
+        ) from None
     validate_document(doc, path=path)
     check_sidecar(path)
     logger.debug("model %s: schema %s, %d labels", path, doc["schema_version"], len(doc["labels"]))

@@ -1,0 +1,48 @@
+"""The gateway's side of the package never loads torch or the training extras (DESIGN §2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+TORCH_FREE = [
+    "edge_stn",
+    "edge_stn.geometry",
+    "edge_stn.errors",
+    "edge_stn.data",
+    "edge_stn.training_config",
+    "edge_stn.cli",
+]
+HEAVY = ["torch", "mlxtend", "matplotlib", "onnx", "tqdm"]
+
+
+def loaded_after_import(module: str, extra: str = "") -> set[str]:
+    code = (
+        f"import sys, importlib; importlib.import_module({module!r}); {extra}\n"
+        "print('\\n'.join(sorted(sys.modules)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_module_imports_without_heavy_dependencies(module: str) -> None:
+    loaded = loaded_after_import(module)
+    assert module in loaded
+    assert not {m for m in loaded if m.split(".")[0] in HEAVY}
+
+
+def test_cli_parser_is_built_without_torch() -> None:
+    loaded = loaded_after_import("edge_stn.cli", "import edge_stn.cli as c; c.build_parser()")
+    assert "torch" not in loaded
+
+
+def test_the_probe_would_see_torch() -> None:
+    # The check above can fail: importing the nn package does load torch.
+    pytest.importorskip("torch")
+    assert "torch" in loaded_after_import("edge_stn.nn")
