@@ -27,23 +27,16 @@ def _created() -> str:
     return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _test_error(ckpt_path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The test error written by training beside ``best.pt`` (summary.json), when it applies."""
-    summary = ckpt_path.parent / "summary.json"
-    name = (ckpt.get("config") or {}).get("name")
-    if ckpt_path.name != "best.pt" or not summary.is_file():
-        return {"error": None, "error_source": None}
-    try:
-        s = json.loads(summary.read_text())
-    except (OSError, ValueError):
-        return {"error": None, "error_source": None}
-    if s.get("name") != name or s.get("arch") != ckpt["spec"].get("arch"):
+def _test_error(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The held-out test score that training stored in the selected checkpoint ("test")."""
+    test = ckpt.get("test")
+    if not isinstance(test, dict) or "error" not in test:
         return {"error": None, "error_source": None}
     return {
-        "error": s.get("test_error"),
-        "error_ci95": s.get("test_ci95"),
-        "error_samples": s.get("test_samples"),
-        "error_source": "summary.json (test split)",
+        "error": test.get("error"),
+        "error_ci95": test.get("ci95"),
+        "error_samples": test.get("samples"),
+        "error_source": f"test split, {test.get('passes')} distortions per test item, seed {test.get('seed')}",
     }
 
 
@@ -84,7 +77,7 @@ def build_document(
         "dataset_description": dataset.get("description"),
         "arch": spec["arch"],
         "name": config.get("name"),
-        **_test_error(ckpt_path, ckpt),
+        **_test_error(ckpt),
         "val_error": _finite(ckpt.get("best_val_error")),
         "epochs": int(ckpt["epoch"]) + 1 if isinstance(ckpt.get("epoch"), int) else None,
         "flops_per_image": ckpt.get("flops"),
