@@ -49,7 +49,7 @@ def test_bad_layouts_are_data_errors(tmp_path: Path, layout: dict[str, int], mes
 def test_stray_file_at_the_top_is_named(tmp_path: Path) -> None:
     root = _make(tmp_path / "d", {"a": 2, "b": 2})
     (root / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match="notes.txt"):
+    with pytest.raises(DataError, match=r"notes\.txt"):
         scan_folder(root)
 
 
@@ -57,7 +57,7 @@ def test_corrupt_image_is_named(tmp_path: Path) -> None:
     root = _make(tmp_path / "d", {"a": 3, "b": 3})
     bad = root / "b" / "001.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(DataError, match="001.png"):
+    with pytest.raises(DataError, match=r"001\.png"):
         FolderSource(scan_folder(root), split="train", size=(24, 24), channels=1)
 
 
@@ -76,11 +76,15 @@ def test_splits_are_disjoint_by_file_and_fixed(tmp_path: Path) -> None:
     assert s1.images.shape == (16, 1, 24, 24)
 
 
-def test_train_on_an_empty_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_on_an_empty_folder_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path / "empty"
     root.mkdir()
     cfg = tmp_path / "f.yaml"
-    cfg.write_text(f"dataset: folder\nout: {tmp_path / 'run'}\ndata:\n  folder:\n    root: {root}\n")
+    cfg.write_text(
+        f"dataset: folder\nout: {tmp_path / 'run'}\ndata:\n  folder:\n    root: {root}\n"
+    )
     assert cli.main(["train", "--config", str(cfg), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no class subfolders" in err[0]
