@@ -106,6 +106,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from edge_stn.config import check_config, describe, load_config
+
+    path = Path(args.file)
+    cfg = load_config(path)
+    print(f"ok: {path}: {describe(cfg)}")
+    for warning in check_config(cfg):
+        print(f"warning: {warning}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edge-stn", description="Spatial Transformer Networks at the edge")
     p.add_argument("--version", action="version", version=f"edge-stn {__version__}")
@@ -161,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="TensorRT batch sizes for trtexec and the metadata (default 1,8,32)",
     )
     x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("config", help="daemon config files")
+    csub = c.add_subparsers(
+        dest="config_command", metavar="{check}", required=True, parser_class=_Parser
+    )
+    ck = csub.add_parser(
+        "check", help="validate a daemon config: says what is wrong, where, and what looks risky"
+    )
+    ck.add_argument("file", help="daemon YAML (configs/gateway.yaml, configs/demo.yaml)")
+    ck.set_defaults(func=cmd_config_check)
     return p
 
 

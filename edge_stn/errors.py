@@ -54,9 +54,10 @@ class SourceError(EdgeStnError):
 class MissingExtraError(EdgeStnError):
     """An optional dependency is not installed; the message names the extra to install."""
 
-    def __init__(self, module: str, extra: str, purpose: str):
+    def __init__(self, module: str, extra: str, purpose: str, *, hint: str | None = None):
         super().__init__(
             f"{purpose} needs the Python module '{module}': pip install 'edge-stn[{extra}]'"
+            + (f" ({hint})" if hint else "")
         )
         self.module = module
         self.extra = extra
@@ -69,3 +70,12 @@ class ShapeError(EdgeStnError):
         super().__init__(f"{name} has shape {tuple(actual)}, expected {expected}")
         self.actual_shape = tuple(actual)
         self.expected_shape = expected
+
+
+class DTypeError(EdgeStnError):
+    """An array does not have the expected element type."""
+
+    def __init__(self, name: str, actual: object, expected: str):
+        super().__init__(f"{name} has dtype {actual}, expected {expected}")
+        self.actual_dtype = str(actual)
+        self.expected_dtype = expected

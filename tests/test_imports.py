@@ -14,6 +14,9 @@ TORCH_FREE = [
     "edge_stn.data",
     "edge_stn.training_config",
     "edge_stn.cli",
+    "edge_stn.config",
+    "edge_stn.records",
+    "edge_stn.runtime.engine",
 ]
 HEAVY = ["torch", "mlxtend", "matplotlib", "onnx", "tqdm"]
 

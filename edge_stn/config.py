@@ -1,0 +1,858 @@
+"""The gateway daemon's config: YAML, validated by pydantic, strict (``extra="forbid"``).
+
+Every field has a default and a description, so a config with only ``device_id``, one camera
+(``id``, ``source``) and ``mqtt`` host and port is complete. Torch-free and cheap to import: the
+daemon and ``edge-stn config check`` validate a file before anything heavy loads.
+
+Loading, in order (:func:`load_config`):
+
+1. the YAML file is read as a mapping (:func:`edge_stn.training_config.load_yaml_mapping`);
+2. ``${VAR}`` and ``${VAR:-default}`` in string *values* are replaced from the environment
+   (``$${`` writes a literal ``${``); an unset variable without a default is an error naming the
+   key path: secrets (the MQTT password) never need to be written in the file;
+3. pydantic validates; relative paths (model, TLS files, TensorRT cache, video files) are
+   resolved against the config file's folder, so a config works whatever the working directory.
+
+Every error is a :class:`~edge_stn.errors.ConfigError` reading ``<file>: <key.path>: <problem>``.
+:func:`check_config` returns the warnings (things that validate but are likely wrong or weaker
+than the operator may think), and :func:`config_hash` fingerprints the validated config, secrets
+redacted, for the daemon's ``status`` message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import socket
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from edge_stn.errors import ConfigError
+from edge_stn.training_config import load_yaml_mapping
+
+# ---------------------------------------------------------------- ids (DESIGN §6)
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESERVED_IDS = frozenset({"status", "stats", "cam", "cmd"})
+
+BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo-stcnn.onnx"
+"""The model used when ``model.path`` is omitted (it ships in the wheel)."""
+
+
+def check_id(value: str) -> str:
+    """A device or camera id: ``^[A-Za-z0-9_-]{1,64}$`` and not a topic word of the tree."""
+    if not ID_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid id: use 1-64 characters among A-Z a-z 0-9 _ - "
+            "(it becomes an MQTT topic level)"
+        )
+    if value in RESERVED_IDS:
+        raise ValueError(
+            f"{value!r} is reserved (ids may not be {', '.join(sorted(RESERVED_IDS))})"
+        )
+    return value
+
+
+Id = Annotated[str, AfterValidator(check_id)]
+
+
+def _default_device_id() -> str:
+    """The host name, reduced to the id alphabet (a config normally names its device)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:64].strip("-")
+    return name if name and name not in RESERVED_IDS else "edge-stn"
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """``~`` expanded; relative paths taken from the config file's folder when loading a file."""
+    value = value.expanduser()
+    base = (info.context or {}).get("base_dir") if isinstance(info.context, dict) else None
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- model
+
+
+class BatchProfileConfig(Section):
+    min: int = Field(1, ge=1, description="smallest batch the TensorRT engine accepts")
+    opt: int = Field(8, ge=1, description="batch size TensorRT tunes the engine for")
+    max: int = Field(32, ge=1, description="largest batch; bigger batches are split")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchProfileConfig:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"need min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+        return self
+
+
+class TensorRTOptions(Section):
+    engine_cache_dir: ConfigPath = Field(
+        Path("~/.cache/edge-stn/tensorrt"),
+        validate_default=True,
+        description="folder for built TensorRT engines: the first start on a machine builds "
+        "them (minutes), later starts load them from here",
+    )
+    fp16: bool = Field(
+        False,
+        description="let TensorRT choose FP16 kernels (faster on Jetson; ONNX Runtime cannot "
+        "pin the STN's grid to FP32, so check accuracy, or export with --fp16 instead)",
+    )
+    batch_profile: BatchProfileConfig | None = Field(
+        None,
+        description="TensorRT optimization profile for the batch dimension; "
+        "default: the profile recorded in the model at export (1, 8, 32)",
+    )
+
+
+class CudaOptions(Section):
+    device_id: int = Field(0, ge=0, description="CUDA device index")
+
+
+class CpuOptions(Section):
+    pass
+
+
+class TensorRTProvider(Section):
+    name: Literal["tensorrt"] = Field("tensorrt", description="TensorrtExecutionProvider")
+    options: TensorRTOptions = Field(default_factory=TensorRTOptions, description="its options")
+
+
+class CudaProvider(Section):
+    name: Literal["cuda"] = Field("cuda", description="CUDAExecutionProvider")
+    options: CudaOptions = Field(default_factory=CudaOptions, description="its options")
+
+
+class CpuProvider(Section):
+    name: Literal["cpu"] = Field("cpu", description="CPUExecutionProvider")
+    options: CpuOptions = Field(default_factory=CpuOptions, description="none yet")
+
+
+ProviderName = Literal["tensorrt", "cuda", "cpu"]
+PROVIDER_NAMES: tuple[ProviderName, ...] = ("tensorrt", "cuda", "cpu")
+
+
+def _provider_shorthand(value: Any) -> Any:
+    """``- cuda`` means ``- name: cuda``."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _provider_tag(value: Any) -> str | None:
+    name = value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+    return name if name in PROVIDER_NAMES else None
+
+
+Provider = Annotated[
+    Annotated[TensorRTProvider, Tag("tensorrt")]
+    | Annotated[CudaProvider, Tag("cuda")]
+    | Annotated[CpuProvider, Tag("cpu")],
+    Discriminator(
+        _provider_tag,
+        custom_error_type="provider",
+        custom_error_message="expected a provider name: tensorrt, cuda or cpu",
+    ),
+    BeforeValidator(_provider_shorthand),
+]
+
+
+def _default_providers() -> list[TensorRTProvider | CudaProvider | CpuProvider]:
+    return [TensorRTProvider(), CudaProvider(), CpuProvider()]
+
+
+class ModelConfig(Section):
+    path: ConfigPath | None = Field(
+        None,
+        description="the exported .onnx (keep its sidecar .json beside it); "
+        "default: the bundled demo model",
+    )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="expected sha256 of the model file; the daemon refuses any other file",
+    )
+    providers: list[Provider] = Field(
+        default_factory=_default_providers,
+        min_length=1,
+        description="ONNX Runtime execution providers in order of preference; those this "
+        "onnxruntime build lacks are skipped, and the CPU is always the last fallback",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads on the CPU (0: one per core)"
+    )
+
+    @field_validator("providers")
+    @classmethod
+    def _unique_providers(cls, value: list[Any]) -> list[Any]:
+        names = [p.name for p in value]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"provider {dups[0]!r} is listed twice")
+        return value
+
+    @property
+    def model_path(self) -> Path:
+        """The model file to load: ``path`` or the bundled demo model (which may be absent)."""
+        return self.path if self.path is not None else BUNDLED_DEMO_MODEL
+
+    @property
+    def is_bundled(self) -> bool:
+        return self.path is None
+
+    def provider(self, name: ProviderName) -> TensorRTProvider | CudaProvider | CpuProvider | None:
+        return next((p for p in self.providers if p.name == name), None)
+
+
+# ---------------------------------------------------------------- cameras
+
+
+class Box(Section):
+    """A rectangle in frame pixels (edge coordinates: pixel ``i`` spans ``[i, i+1)``)."""
+
+    x0: int = Field(0, ge=0, description="left edge")
+    y0: int = Field(0, ge=0, description="top edge")
+    x1: int = Field(1, ge=1, description="right edge (exclusive)")
+    y1: int = Field(1, ge=1, description="bottom edge (exclusive)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            if len(value) != 4:
+                raise ValueError(f"expected [x0, y0, x1, y1], got {len(value)} numbers")
+            return dict(zip(("x0", "y0", "x1", "y1"), value, strict=True))
+        return value
+
+    @model_validator(mode="after")
+    def _positive_size(self) -> Box:
+        if self.x1 <= self.x0 or self.y1 <= self.y0:
+            raise ValueError(
+                f"empty box [{self.x0}, {self.y0}, {self.x1}, {self.y1}]: need x1 > x0 and y1 > y0"
+            )
+        return self
+
+    def as_list(self) -> list[int]:
+        return [self.x0, self.y0, self.x1, self.y1]
+
+
+class ProposalConfig(Section):
+    method: Literal["components", "contours", "rois", "full_frame"] = Field(
+        "components",
+        description="how object candidates are found: connected components or contours of the "
+        "thresholded reduced copy, fixed 'rois', or the whole frame as one window",
+    )
+    reduce_to: int = Field(
+        320,
+        ge=32,
+        le=4096,
+        description="width (pixels) of the reduced grayscale copy proposals are searched on",
+    )
+    threshold: int | Literal["otsu"] = Field(
+        "otsu",
+        description="binarization level (0-255) of the reduced copy, or 'otsu' to choose per frame",
+    )
+    min_area: int = Field(64, ge=1, description="smallest candidate box area, in full-frame pixels")
+    max_area: int | None = Field(
+        None, ge=1, description="largest candidate box area, in full-frame pixels (none: no limit)"
+    )
+    rois: list[Box] = Field(
+        default_factory=list,
+        description="fixed boxes [x0, y0, x1, y1] in frame pixels, for method 'rois'",
+    )
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _otsu_or_level(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "otsu" and not value.strip().isdigit():
+            raise ValueError(f"threshold must be 0-255 or 'otsu', got {value!r}")
+        return value
+
+    @field_validator("threshold")
+    @classmethod
+    def _level(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 <= value <= 255:
+            raise ValueError(f"threshold must be 0-255 or 'otsu', got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProposalConfig:
+        if self.max_area is not None and self.max_area < self.min_area:
+            raise ValueError(f"max_area {self.max_area} is below min_area {self.min_area}")
+        if self.method == "rois" and not self.rois:
+            raise ValueError("method 'rois' needs at least one box in 'rois'")
+        return self
+
+
+SourceKind = Literal["file", "usb", "rtsp", "http", "synthetic"]
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_SCHEMES: dict[str, SourceKind] = {"rtsp": "rtsp", "rtsps": "rtsp", "http": "http", "https": "http"}
+
+
+SECRET_MASK = "**********"
+
+
+def redact_url(source: str | int) -> str | int:
+    """A source with the password of its ``user:password@`` part masked."""
+    if isinstance(source, int) or not _URL.match(source):
+        return source
+    parts = urlsplit(source)
+    if parts.password is None:
+        return source
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:{SECRET_MASK}@{host}"))
+
+
+def source_kind(source: str | int) -> SourceKind:
+    """What a camera ``source`` names: a USB index, an RTSP or HTTP URL, 'synthetic', a file."""
+    if isinstance(source, int):
+        return "usb"
+    if source == "synthetic":
+        return "synthetic"
+    m = _URL.match(source)
+    if m:
+        return _SCHEMES[m.group(1).lower()]
+    return "file"
+
+
+class CameraConfig(Section):
+    id: Id = Field("cam0", description="camera id, a level of its MQTT topics")
+    source: str | int = Field(
+        "synthetic",
+        description="a video file path, a USB camera index (0, 1, ...), an rtsp:// or http(s):// "
+        "URL, or 'synthetic' (moving digits with ground truth)",
+    )
+    fps: float | None = Field(
+        None,
+        gt=0,
+        description="frames per second to process; absent: as fast as possible for files, "
+        "the native rate for live sources",
+    )
+    on_end: Literal["stop", "loop"] = Field(
+        "stop", description="files only: at the end, stop this camera or start over"
+    )
+    open_timeout_s: float = Field(
+        10.0, gt=0, description="give up opening the source after this long (then retry)"
+    )
+    read_timeout_s: float = Field(
+        5.0, gt=0, description="a read that takes longer counts as a stall (then reconnect)"
+    )
+    rtsp_transport: Literal["tcp", "udp"] = Field(
+        "tcp", description="RTSP only: tcp (robust, default) or udp (lower latency, may lose data)"
+    )
+    proposals: ProposalConfig = Field(
+        default_factory=ProposalConfig, description="how object candidates are found"
+    )
+    roi: Box | None = Field(
+        None,
+        description="region of interest [x0, y0, x1, y1] in frame pixels; candidates outside "
+        "it are ignored (absent: the whole frame)",
+    )
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError(
+                f"expected a file path, a USB index, a URL or 'synthetic', got {value!r}"
+            )
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                raise ValueError("empty source")
+            if value.isdigit():  # "${CAMERA_INDEX}" arrives as a string
+                return int(value)
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str | int, info: ValidationInfo) -> str | int:
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError(f"a USB camera index is >= 0, got {value}")
+            return value
+        m = _URL.match(value)
+        if m:
+            if m.group(1).lower() not in _SCHEMES:
+                raise ValueError(
+                    f"unsupported URL scheme {m.group(1)!r}: use rtsp, rtsps, http or https"
+                )
+            return value
+        if value == "synthetic":
+            return value
+        return str(_resolve_path(Path(value), info))
+
+    def __repr_args__(self) -> Any:
+        # A camera URL may carry a password (rtsp://user:${CAM_PASSWORD}@...): never show it.
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "source" else value
+
+    @property
+    def kind(self) -> SourceKind:
+        return source_kind(self.source)
+
+    @property
+    def is_live(self) -> bool:
+        """Live sources keep only their newest frame; files deliver every frame."""
+        return self.kind != "file"
+
+
+# ---------------------------------------------------------------- detection, crops
+
+
+class DetectionConfig(Section):
+    score_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="smallest class probability that counts as a detection"
+    )
+    nms_iou: float = Field(
+        0.45,
+        gt=0.0,
+        le=1.0,
+        description="non-maximum suppression: of two boxes overlapping more (IoU), keep the "
+        "better-scoring one",
+    )
+    max_per_frame: int = Field(
+        32, ge=1, le=1024, description="at most this many detections per frame (best first)"
+    )
+
+
+class CropConfig(Section):
+    enabled: bool = Field(True, description="publish a canonical JPEG crop per detection")
+    size: int = Field(64, ge=8, le=1024, description="side of the square canonical crop, pixels")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality, 1-100")
+    max_payload_bytes: int = Field(
+        65536,
+        ge=1024,
+        description="crops whose JPEG is larger are not published (crop_status 'policy')",
+    )
+
+
+# ---------------------------------------------------------------- MQTT
+
+_PROTOCOLS = {"5": "v5", "v5": "v5", "5.0": "v5", "3.1.1": "v311", "311": "v311", "v311": "v311"}
+
+
+def _protocol(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key not in _PROTOCOLS:
+            raise ValueError(
+                f"unknown MQTT version {value!r}: use 'v5' (or 5) or 'v311' (or '3.1.1')"
+            )
+        return _PROTOCOLS[key]
+    return value
+
+
+def _topic_prefix(value: str) -> str:
+    if not value:
+        raise ValueError("empty topic prefix")
+    bad = sorted(set(value) & {"+", "#", "\0"})
+    if bad:
+        raise ValueError(f"topic prefix {value!r} contains {bad[0]!r} (an MQTT wildcard)")
+    if value.startswith("$"):
+        raise ValueError(f"topic prefix {value!r} starts with '$' (reserved by brokers)")
+    if any(level == "" for level in value.split("/")):
+        raise ValueError(f"topic prefix {value!r} has an empty level (leading, trailing or '//')")
+    return value
+
+
+class TlsConfig(Section):
+    ca_file: ConfigPath | None = Field(
+        None,
+        description="CA certificate(s) (PEM) that signed the broker's certificate; "
+        "absent: the system's CA store",
+    )
+    cert_file: ConfigPath | None = Field(
+        None, description="client certificate (PEM), for brokers that require one"
+    )
+    key_file: ConfigPath | None = Field(None, description="the client certificate's private key")
+    insecure: bool = Field(
+        False,
+        description="skip the check of the broker's host name against its certificate "
+        "(testing only: anyone in the path can impersonate the broker)",
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both or neither")
+        return self
+
+
+class MqttConfig(Section):
+    host: str = Field("localhost", min_length=1, description="broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="broker port (1883 plain, 8883 TLS)")
+    protocol: Annotated[Literal["v5", "v311"], BeforeValidator(_protocol)] = Field(
+        "v5",
+        description="MQTT version: 'v5' (also 5) or 'v311' (also '3.1.1'); with 3.1.1 the broker "
+        "cannot report a refused publish and crops carry no user properties",
+    )
+    client_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="MQTT client id; default: edge-stn-<device_id>",
+    )
+    topic_prefix: Annotated[str, AfterValidator(_topic_prefix)] = Field(
+        "edge-stn", description="first level(s) of every topic: <prefix>/<device>/..."
+    )
+    keepalive: int = Field(
+        30,
+        ge=5,
+        le=65535,
+        description="seconds between pings when idle; the broker declares "
+        "the daemon gone (and publishes 'offline') after 1.5 times this",
+    )
+    username: str | None = Field(None, description="broker user name")
+    password: SecretStr | None = Field(
+        None, description="broker password: write ${VARIABLE} and set it in the environment"
+    )
+    tls: TlsConfig | None = Field(None, description="TLS to the broker (absent: plain TCP)")
+
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> MqttConfig:
+        if self.password is not None and self.username is None and self.protocol == "v311":
+            raise ValueError("MQTT 3.1.1 sends a password only with a username: set username")
+        return self
+
+    @property
+    def broker(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+class DaemonConfig(Section):
+    device_id: Id = Field(
+        default_factory=_default_device_id,
+        description="this gateway's id, a level of its MQTT topics (default: the host name)",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the ST-CNN to run")
+    cameras: list[CameraConfig] = Field(
+        default_factory=list, description="the frame sources (at least one)"
+    )
+    detection: DetectionConfig = Field(
+        default_factory=DetectionConfig, description="what counts as a detection"
+    )
+    crops: CropConfig = Field(default_factory=CropConfig, description="canonical crops")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="the broker")
+    stats_interval_s: float = Field(
+        10.0, ge=1.0, le=3600.0, description="seconds between two stats messages"
+    )
+
+    @field_validator("cameras")
+    @classmethod
+    def _cameras(cls, value: list[CameraConfig]) -> list[CameraConfig]:
+        if not value:
+            raise ValueError("at least one camera is needed")
+        seen: dict[str, int] = {}
+        for i, cam in enumerate(value):
+            if cam.id in seen:
+                raise ValueError(
+                    f"camera id {cam.id!r} is used twice (cameras {seen[cam.id]} and {i})"
+                )
+            seen[cam.id] = i
+        return value
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id: ``mqtt.client_id`` or ``edge-stn-<device_id>``."""
+        return self.mqtt.client_id or f"edge-stn-{self.device_id}"
+
+    def camera(self, camera_id: str) -> CameraConfig:
+        for cam in self.cameras:
+            if cam.id == camera_id:
+                return cam
+        raise KeyError(camera_id)
+
+
+# ---------------------------------------------------------------- ${ENV}
+
+_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+_NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.DOTALL)
+
+
+def _key_path(parts: tuple[str | int, ...]) -> str:
+    return ".".join(str(p) for p in parts) or "(top level)"
+
+
+def substitute_env(
+    doc: Any,
+    environ: Mapping[str, str] | None = None,
+    *,
+    path: Path | None = None,
+    _where: tuple[str | int, ...] = (),
+) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string value (not in keys).
+
+    ``${VAR:-default}`` takes the default when VAR is unset or empty; ``$${`` is a literal ``${``.
+    Raises :class:`ConfigError` naming the key path when a variable is unset and has no default.
+    """
+    env = os.environ if environ is None else environ
+    if isinstance(doc, dict):
+        return {k: substitute_env(v, env, path=path, _where=(*_where, k)) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [substitute_env(v, env, path=path, _where=(*_where, i)) for i, v in enumerate(doc)]
+    if not isinstance(doc, str) or "$" not in doc:
+        return doc
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(0) == "$${":
+            return "${"
+        ref = _NAME.match(m.group(1))
+        if ref is None:
+            raise ConfigError(
+                f"bad reference ${{{m.group(1)}}}: write ${{NAME}} or ${{NAME:-default}}",
+                path=path,
+                key=_key_path(_where),
+            )
+        name, default = ref.group(1), ref.group(2)
+        value = env.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                raise ConfigError(
+                    f"environment variable {name} is not set "
+                    f"(export it, or write ${{{name}:-default}})",
+                    path=path,
+                    key=_key_path(_where),
+                )
+            return default
+        return value
+
+    return _REF.sub(repl, doc)
+
+
+# ---------------------------------------------------------------- loading and checks
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _section_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The config section a validation error's location points into (None if unknown)."""
+    candidates: list[type[BaseModel]] = [DaemonConfig]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if len(candidates) > 1:  # a tagged union (providers): the tag names the member
+            tagged = [c for c in candidates if c.model_fields["name"].default == part]
+            if tagged:
+                candidates = tagged
+                continue
+        field = candidates[0].model_fields.get(part) if len(candidates) == 1 else None
+        if field is None:
+            return None
+        candidates = _models_in(field.annotation)
+        if not candidates:
+            return None
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _clean_loc(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """The key path as the operator wrote it: without pydantic's union member tags
+    (``model.providers.0.cuda.options`` -> ``model.providers.0.options``,
+    ``cameras.0.source.str`` -> ``cameras.0.source``)."""
+    out: list[str | int] = []
+    candidates: list[type[BaseModel]] = [DaemonConfig]
+    leaf = False
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+            continue
+        if leaf:  # a member tag of a union-typed value
+            continue
+        if len(candidates) > 1:
+            tagged = [c for c in candidates if c.model_fields["name"].default == part]
+            if tagged:
+                candidates = tagged
+                continue
+        field = candidates[0].model_fields.get(part) if len(candidates) == 1 else None
+        out.append(part)
+        candidates = _models_in(field.annotation) if field is not None else []
+        leaf = not candidates
+    return tuple(out)
+
+
+def validation_message(exc: ValidationError) -> str:
+    """``key.path: problem`` of the first error (like
+    :func:`edge_stn.training_config.format_validation_error`), with the key path as the operator
+    wrote it (no union tags), without pydantic's "Value error, " prefix, and, for an unknown
+    key, the keys that section accepts."""
+    first = exc.errors()[0]
+    loc = tuple(first["loc"])
+    path = _clean_loc(loc)
+    msg = str(first["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if first["type"] == "extra_forbidden" and loc:
+        section = _section_at(loc[:-1])
+        if section is not None:
+            allowed = sorted(section.model_fields)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            msg = f"unknown key ({hint}allowed: {', '.join(allowed)})"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{_key_path(path)}: {msg}{more}"
+
+
+def parse_config(
+    doc: Mapping[str, Any],
+    *,
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> DaemonConfig:
+    """Validate a config mapping (as read from YAML); relative paths from ``path``'s folder."""
+    doc = substitute_env(dict(doc), environ, path=path)
+    base = path.resolve().parent if path is not None else None
+    try:
+        return DaemonConfig.model_validate(doc, context={"base_dir": base} if base else None)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc), path=path) from None
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> DaemonConfig:
+    """Read, substitute and validate a daemon config file.
+
+    Raises :class:`ConfigError` ``"<file>: <key.path>: <problem>"``.
+    """
+    path = Path(path)
+    return parse_config(load_yaml_mapping(path), path=path, environ=environ)
+
+
+def redacted_dict(cfg: DaemonConfig) -> dict[str, Any]:
+    """The validated config as JSON-ready data, secrets replaced by ``"**********"``."""
+    # mode="json" serializes SecretStr as its mask, never the value; camera URLs may hold
+    # passwords too.
+    doc = cfg.model_dump(mode="json")
+    for cam in doc["cameras"]:
+        cam["source"] = redact_url(cam["source"])
+    return doc
+
+
+def config_hash(cfg: DaemonConfig) -> str:
+    """sha256 of the canonical JSON of the validated config, secrets redacted."""
+    canonical = json.dumps(
+        redacted_dict(cfg), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _model_problem(path: Path, sha256: str | None) -> str | None:
+    """Why the daemon would refuse the model file (metadata contract, sha256), or None."""
+    from edge_stn.errors import EdgeStnError, MissingExtraError
+    from edge_stn.runtime.metadata import file_sha256, read_model_metadata
+
+    try:
+        read_model_metadata(path)
+    except MissingExtraError as exc:
+        return f"not checked: {exc.detail}"
+    except EdgeStnError as exc:
+        return f"the daemon will refuse it: {exc.detail}"
+    if sha256 is not None and file_sha256(path) != sha256.lower():
+        return "the daemon will refuse it: its sha256 differs from model.sha256"
+    return None
+
+
+def check_config(cfg: DaemonConfig) -> list[str]:
+    """Warnings about a valid config: ``"<key.path>: <what may go wrong>"``, most important first.
+
+    Missing files are warnings, not errors, so a config can be checked on another machine
+    before deployment; the daemon itself refuses to start without its model.
+    """
+    out: list[str] = []
+    mq = cfg.mqtt
+    model_path = cfg.model.model_path
+    if not model_path.is_file():
+        what = "the bundled demo model is not installed" if cfg.model.is_bundled else "no such file"
+        out.append(f"model.path: {what} ({model_path}): the daemon will not start")
+    else:
+        problem = _model_problem(model_path, cfg.model.sha256)
+        if problem:
+            out.append(f"model.path: {problem}")
+    if mq.protocol == "v311":
+        out.append(
+            "mqtt.protocol: MQTT 3.1.1 cannot tell the daemon that the broker refused a publish "
+            "(ACL, size limit): such results are lost unseen, and crops carry no user properties"
+        )
+    if mq.tls is not None and mq.tls.insecure:
+        out.append(
+            "mqtt.tls.insecure: the broker's certificate host name is not checked: "
+            "anyone in the path can impersonate the broker"
+        )
+    if mq.password is not None and mq.tls is None:
+        out.append("mqtt.password: sent in clear text: configure mqtt.tls")
+    if mq.tls is None and mq.port == 8883:
+        out.append("mqtt.port: 8883 is the MQTT-over-TLS port but mqtt.tls is not set")
+    if mq.tls is not None and mq.port == 1883:
+        out.append("mqtt.port: 1883 is the plain MQTT port but mqtt.tls is set")
+    if mq.tls is not None:
+        for name in ("ca_file", "cert_file", "key_file"):
+            f = getattr(mq.tls, name)
+            if f is not None and not Path(f).is_file():
+                out.append(f"mqtt.tls.{name}: no such file ({f})")
+    sources: dict[str | int, str] = {}
+    for i, cam in enumerate(cfg.cameras):
+        where = f"cameras.{i}"
+        if cam.kind == "file" and not Path(str(cam.source)).is_file():
+            out.append(f"{where}.source: no such file ({cam.source})")
+        if cam.is_live and "on_end" in cam.model_fields_set:
+            out.append(f"{where}.on_end: ignored: {cam.kind} is a live source, not a file")
+        if cam.kind != "rtsp" and "rtsp_transport" in cam.model_fields_set:
+            out.append(f"{where}.rtsp_transport: ignored: the source is not rtsp://")
+        if cam.proposals.method != "rois" and cam.proposals.rois:
+            out.append(f"{where}.proposals.rois: ignored: method is {cam.proposals.method!r}")
+        if cam.source in sources and cam.source != "synthetic":
+            out.append(f"{where}.source: the same source as camera {sources[cam.source]!r}")
+        sources.setdefault(cam.source, cam.id)
+    return out
+
+
+def describe(cfg: DaemonConfig) -> str:
+    """One line: cameras, model, broker (what ``edge-stn config check`` prints after ``ok:``)."""
+    n = len(cfg.cameras)
+    model = (
+        f"bundled demo model ({cfg.model.model_path.name})"
+        if cfg.model.is_bundled
+        else str(cfg.model.model_path)
+    )
+    providers = " > ".join(p.name for p in cfg.model.providers)
+    tls = ", TLS" if cfg.mqtt.tls is not None else ""
+    return (
+        f"{n} camera{'s' if n != 1 else ''}, model {model} ({providers}), "
+        f"broker {cfg.mqtt.broker} (MQTT {cfg.mqtt.protocol}{tls}), device {cfg.device_id}"
+    )
