@@ -18,17 +18,8 @@ set -euo pipefail
 
 model=${1:?usage: $0 MODEL.onnx [ENGINE]}
 engine=${2:-${model%.onnx}.trt8.engine}
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-sidecar=${model%.onnx}.json
-[ -f "$model" ] || { echo "$0: no such model: $model" >&2; exit 2; }
-[ -f "$sidecar" ] || { echo "$0: no sidecar $sidecar beside the model (re-export it)" >&2; exit 2; }
-eval "$(python3 "$here/_sidecar.py" "$sidecar")"
-
-actual=$(sha256sum "$model" | cut -d' ' -f1)
-if [ -n "$SHA256" ] && [ "$actual" != "$SHA256" ]; then
-    echo "$0: $model does not match its sidecar's sha256: re-export it" >&2
-    exit 2
-fi
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_model.sh"
+load_model "$model"
 if [ "$OPSET" -gt 17 ]; then
     echo "$0: opset $OPSET: TensorRT 8.5/8.6 parse opsets up to 17; re-export with --opset 17" >&2
     exit 2
