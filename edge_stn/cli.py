@@ -117,6 +117,36 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def cmd_synth_video(args: argparse.Namespace) -> int:
+    from edge_stn.video.synth_video import write_synthetic_video
+
+    result = write_synthetic_video(
+        Path(args.out),
+        Path(args.truth),
+        frames=args.frames,
+        width=args.width,
+        height=args.height,
+        fps=args.fps,
+        seed=args.seed,
+        count=args.objects,
+    )
+    print(
+        f"wrote {result.video} ({result.frames} frames, {args.width}x{args.height} at "
+        f"{args.fps:g} fps) and {result.truth} ({result.objects} objects)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edge-stn", description="Spatial Transformer Networks at the edge")
     p.add_argument("--version", action="version", version=f"edge-stn {__version__}")
@@ -172,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="TensorRT batch sizes for trtexec and the metadata (default 1,8,32)",
     )
     x.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("synth-video", help="a test video of moving digits with ground truth")
+    v.add_argument("--out", required=True, help="the video to write (.mp4, mp4v codec)")
+    v.add_argument("--truth", required=True, help="the ground-truth JSON to write")
+    v.add_argument("--frames", type=_positive_int, default=300, help="frames (default 300)")
+    v.add_argument("--width", type=_positive_int, default=640, help="pixels (default 640)")
+    v.add_argument("--height", type=_positive_int, default=480, help="pixels (default 480)")
+    v.add_argument("--fps", type=_positive_float, default=15.0, help="frame rate (default 15)")
+    v.add_argument("--seed", type=int, default=0, help="scene seed (default 0)")
+    v.add_argument(
+        "--objects", type=_positive_int, default=3, help="moving digits per frame (default 3)"
+    )
+    v.set_defaults(func=cmd_synth_video)
 
     c = sub.add_parser("config", help="daemon config files")
     csub = c.add_subparsers(

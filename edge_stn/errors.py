@@ -51,6 +51,11 @@ class SourceError(EdgeStnError):
     """A frame source cannot be opened or read."""
 
 
+class FrameReadError(SourceError):
+    """One read of a frame source failed (a corrupt frame, a hiccup of the stream); the source
+    may still deliver later frames, so the reader counts it and goes on."""
+
+
 class MissingExtraError(EdgeStnError):
     """An optional dependency is not installed; the message names the extra to install."""
 

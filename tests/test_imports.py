@@ -17,6 +17,9 @@ TORCH_FREE = [
     "edge_stn.config",
     "edge_stn.records",
     "edge_stn.runtime.engine",
+    "edge_stn.video",
+    "edge_stn.video.synthetic",
+    "edge_stn.video.synth_video",
 ]
 HEAVY = ["torch", "mlxtend", "matplotlib", "onnx", "tqdm"]
 

@@ -1,0 +1,59 @@
+"""From a camera's config to its source and its reader thread."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from edge_stn.config import CameraConfig
+from edge_stn.video.base import FrameSource
+from edge_stn.video.file import FileSource, check_video_file
+from edge_stn.video.opencv import LiveSource
+from edge_stn.video.pacing import Backoff
+from edge_stn.video.reader import CameraReader
+from edge_stn.video.synthetic import DEFAULT_FPS, SyntheticCamera
+
+
+def make_source(camera: CameraConfig) -> FrameSource:
+    """The (unopened) source a camera names. A video file that does not exist is a
+    :class:`~edge_stn.errors.SourceError` now, so a daemon refuses such a config at start-up."""
+    kind = camera.kind
+    if kind == "synthetic":
+        # The synthetic camera produces frames at its own rate: `fps` sets that rate.
+        return SyntheticCamera(camera.id, fps=camera.fps or DEFAULT_FPS)
+    if kind == "file":
+        path = Path(str(camera.source))
+        check_video_file(camera.id, path)
+        return FileSource(camera.id, path)
+    return LiveSource(
+        camera.id,
+        camera.source,
+        open_timeout_s=camera.open_timeout_s,
+        read_timeout_s=camera.read_timeout_s,
+        rtsp_transport=camera.rtsp_transport,
+    )
+
+
+def make_reader(
+    camera: CameraConfig,
+    stop: threading.Event,
+    *,
+    wakeup: threading.Event | None = None,
+    queue_size: int = 4,
+    backoff: Backoff | None = None,
+) -> CameraReader:
+    """The reader thread of a camera (not started). The stall watchdog fires after
+    ``read_timeout_s`` without a frame; a call stuck past both timeouts is abandoned."""
+    return CameraReader(
+        camera.id,
+        lambda: make_source(camera),
+        stop,
+        # A synthetic camera is paced by its own clock; pacing it again would drop frames.
+        fps=None if camera.kind == "synthetic" else camera.fps,
+        on_end=camera.on_end,
+        stall_s=camera.read_timeout_s,
+        stuck_s=2.0 * max(camera.open_timeout_s, camera.read_timeout_s) + 1.0,
+        queue_size=queue_size,
+        backoff=backoff,
+        wakeup=wakeup,
+    )
