@@ -20,6 +20,11 @@ TORCH_FREE = [
     "edge_stn.video",
     "edge_stn.video.synthetic",
     "edge_stn.video.synth_video",
+    "edge_stn.detect",
+    "edge_stn.detect.proposals",
+    "edge_stn.detect.detector",
+    "edge_stn.detect.nms",
+    "edge_stn.detect.crops",
 ]
 HEAVY = ["torch", "mlxtend", "matplotlib", "onnx", "tqdm"]
 
