@@ -84,3 +84,8 @@ class DTypeError(EdgeStnError):
         super().__init__(f"{name} has dtype {actual}, expected {expected}")
         self.actual_dtype = str(actual)
         self.expected_dtype = expected
+
+
+class PayloadError(EdgeStnError):
+    """An MQTT payload cannot be built or encoded (a non-finite number, a value of the wrong
+    type): a bug of its producer, reported with the field at fault."""

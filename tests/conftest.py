@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from smoke import SMOKE_STEPS_PER_EPOCH, SmokeRun, smoke_config_dict
 
+pytest_plugins = ["mqtt_broker"]  # the real mosquitto fixtures (DESIGN §8)
+
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:

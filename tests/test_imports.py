@@ -25,6 +25,11 @@ TORCH_FREE = [
     "edge_stn.detect.detector",
     "edge_stn.detect.nms",
     "edge_stn.detect.crops",
+    "edge_stn.publish",
+    "edge_stn.publish.topics",
+    "edge_stn.publish.payloads",
+    "edge_stn.publish.stats",
+    "edge_stn.publish.client",
 ]
 HEAVY = ["torch", "mlxtend", "matplotlib", "onnx", "tqdm"]
 
