@@ -147,6 +147,20 @@ def cmd_synth_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge_stn.daemon import run_daemon
+
+    if not args.verbose:
+        logging.getLogger("edge_stn").setLevel(logging.INFO)
+    return run_daemon(Path(args.config))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edge_stn.demo import run_demo
+
+    return run_demo(seconds=args.seconds, out=Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edge-stn", description="Spatial Transformer Networks at the edge")
     p.add_argument("--version", action="version", version=f"edge-stn {__version__}")
@@ -215,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--objects", type=_positive_int, default=3, help="moving digits per frame (default 3)"
     )
     v.set_defaults(func=cmd_synth_video)
+
+    r = sub.add_parser("run", help="the gateway daemon: cameras -> ST-CNN -> MQTT")
+    r.add_argument("--config", required=True, help="daemon YAML (configs/gateway.yaml)")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser(
+        "demo", help="daemon + private broker + synthetic camera + subscriber, with accuracy"
+    )
+    d.add_argument(
+        "--seconds", type=_positive_float, default=20.0, help="how long to run (default 20)"
+    )
+    d.add_argument("--out", default="demo-out", help="folder for received crops (default demo-out)")
+    d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("config", help="daemon config files")
     csub = c.add_subparsers(

@@ -60,6 +60,7 @@ def measure(path: Path) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "ms_b1": latency_ms(model, shape, 1),
         "ms_b32": latency_ms(model, shape, 32),
+        "stn_pose": ev.stn_pose,
         "epochs": int(ckpt["epoch"]) + 1,
         "train_minutes": round(sum(r["seconds"] for r in ckpt["metrics"]) / 60, 1),
     }
@@ -76,6 +77,18 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"({100 * r['ci95'][0]:.2f}-{100 * r['ci95'][1]:.2f}) | {r['mmacs']:.1f} | {r['params']:,} | "
             f"{r['ms_b1']:.2f} | {r['ms_b32']:.3f} | {r['epochs']} | {r['train_minutes']} |"
         )
+    out += [
+        "",
+        "| model | median zoom | mean abs rotation (deg) | mean abs shift (normalized) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        p = r.get("stn_pose")
+        if p:
+            out.append(
+                f"| {r['model']} | {p['median_zoom']:.2f}x | {p['mean_abs_rotation_deg']:.1f} | "
+                f"{p['mean_abs_shift']:.2f} |"
+            )
     return "\n".join(out)
 
 
