@@ -61,14 +61,14 @@ def measure(path: Path) -> dict[str, Any]:
         "ms_b1": latency_ms(model, shape, 1),
         "ms_b32": latency_ms(model, shape, 32),
         "stn_pose": ev.stn_pose,
-        "epochs": int(ckpt["epoch"]) + 1,
+        "epochs": f"{int(ckpt['epoch']) + 1}/{len(ckpt['metrics'])}",
         "train_minutes": round(sum(r["seconds"] for r in ckpt["metrics"]) / 60, 1),
     }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     out = [
-        "| model | arch | data | input | test error (95% CI) | MMACs/image | params | CPU ms/image b1 | b32 | epochs | train min |",
+        "| model | arch | data | input | test error (95% CI) | MMACs/image | params | CPU ms/image b1 | b32 | best/trained epochs | train min |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
