@@ -146,9 +146,9 @@ def canonical_from_theta(
     images: npt.NDArray[np.uint8], theta: npt.NDArray[np.float32], out_size: tuple[int, int]
 ) -> npt.NDArray[np.float32]:
     """The STN output recomputed from theta with OpenCV (the runtime's crop path)."""
-    import cv2
 
     from edge_stn.geometry import frame_from_crop
+    from edge_stn.windows import sample_through
 
     n, _, h, w = images.shape
     oh, ow = out_size
@@ -161,14 +161,7 @@ def canonical_from_theta(
             model_size=(w, h),
             crop_size=(ow, oh),
         )
-        out[i, 0] = cv2.warpAffine(
-            images[i, 0].astype(np.float32) / 255.0,
-            m,
-            (ow, oh),
-            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        )
+        out[i, 0] = sample_through(images[i, 0].astype(np.float32) / 255.0, m, (ow, oh))
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -61,6 +62,24 @@ def place_window(box: npt.ArrayLike, spec: WindowSpec) -> WindowPlacement:
     return WindowPlacement(cx - side / 2.0, cy - side / 2.0, side / spec.size)
 
 
+def sample_through(
+    image: npt.NDArray[Any], src_from_out: npt.ArrayLike, size: tuple[int, int]
+) -> npt.NDArray[Any]:
+    """Resample ``image`` at ``src_from_out @ [u, v, 1]`` for every output pixel ``(u, v)`` of a
+    ``(width, height)`` output: bilinear, black outside. Windows, canonical crops and the
+    evaluation's theta-based crops all sample through this one call, so they agree exactly."""
+    return np.asarray(
+        cv2.warpAffine(
+            image,
+            np.asarray(src_from_out, dtype=np.float64),
+            size,
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
+    )
+
+
 def extract_window(
     gray: npt.NDArray[np.uint8], placement: WindowPlacement, size: int
 ) -> npt.NDArray[np.uint8]:
@@ -93,17 +112,7 @@ def extract_window(
         )
     m[0, 2] -= fx0
     m[1, 2] -= fy0
-    return np.asarray(
-        cv2.warpAffine(
-            src,
-            m,
-            (size, size),
-            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        ),
-        dtype=np.uint8,
-    )
+    return np.asarray(sample_through(src, m, (size, size)), dtype=np.uint8)
 
 
 def extract_windows(

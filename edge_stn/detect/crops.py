@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_stn.errors import DTypeError, ShapeError
+from edge_stn.windows import sample_through
 
 ImageArray = npt.NDArray[np.uint8]
 
@@ -41,17 +42,7 @@ def canonical_crop(image: ImageArray, affine: npt.ArrayLike, size: int) -> Image
         raise ShapeError("affine", m.shape, "(2, 3) crop pixel -> frame pixel")
     if size < 1:
         raise ValueError(f"crop size must be >= 1, got {size}")
-    return np.asarray(
-        cv2.warpAffine(
-            image,
-            m,
-            (size, size),
-            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        ),
-        dtype=np.uint8,
-    )
+    return np.asarray(sample_through(image, m, (size, size)), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
