@@ -241,3 +241,11 @@ def test_model_spec_round_trips_and_rejects_unknown_fields() -> None:
         ModelSpec.from_dict({**spec.to_dict(), "bogus": 1})
     with pytest.raises(CheckpointError):
         ModelSpec.from_dict({**spec.to_dict(), "arch": "resnet"})
+
+
+def test_count_flops_runs_on_the_models_own_device() -> None:
+    # Training counts FLOPs after moving the model to its device; a CPU probe input broke CUDA
+    # training (found on a lent H200). The meta device stands in for a GPU here.
+    spec = ModelSpec(arch="stcnn", in_size=(60, 60))
+    on_cpu = count_flops(build_model(spec), 1, (60, 60))
+    assert count_flops(build_model(spec).to("meta"), 1, (60, 60)) == on_cpu

@@ -178,7 +178,8 @@ def count_flops(model: nn.Module, in_channels: int, in_size: tuple[int, int]) ->
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, in_channels, *in_size))
+            device = next(model.parameters()).device
+            model(torch.zeros(1, in_channels, *in_size, device=device))
     finally:
         model.train(was_training)
         for h in handles:
