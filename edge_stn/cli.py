@@ -127,8 +127,50 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _range(text: str) -> tuple[float, float]:
+    """``A`` or ``A-B`` (non-negative numbers) as a range."""
+    parts = text.split("-")
+    try:
+        lo, hi = (float(parts[0]), float(parts[-1])) if len(parts) <= 2 else (None, None)
+    except ValueError:
+        lo = hi = None
+    if lo is None or hi is None or not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected N or LO-HI with 0 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def _range_max(text: str) -> float:
+    lo, hi = _range(text)
+    if lo != hi:
+        raise argparse.ArgumentTypeError(f"expected one number, got {text!r}")
+    return hi
+
+
+def _angle(text: str) -> float:
+    lo, hi = _range(text)
+    if lo != hi or hi > 180:
+        raise argparse.ArgumentTypeError(f"expected degrees in [0, 180], got {text!r}")
+    return hi
+
+
 def cmd_synth_video(args: argparse.Namespace) -> int:
     from edge_stn.video.synth_video import write_synthetic_video
+    from edge_stn.video.synthetic import MotionSettings
+
+    try:
+        settings = MotionSettings(
+            count=(int(args.objects[0]), int(args.objects[1])),
+            height=args.digit_height,
+            angle=args.angle,
+            shear=args.shear,
+            aspect=args.aspect,
+            contrast=args.contrast,
+            noise=args.noise,
+            blur=args.blur,
+            clutter=args.clutter,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
     result = write_synthetic_video(
         Path(args.out),
@@ -138,11 +180,12 @@ def cmd_synth_video(args: argparse.Namespace) -> int:
         height=args.height,
         fps=args.fps,
         seed=args.seed,
-        count=args.objects,
+        settings=settings,
+        codec=args.codec,
     )
     print(
         f"wrote {result.video} ({result.frames} frames, {args.width}x{args.height} at "
-        f"{args.fps:g} fps) and {result.truth} ({result.objects} objects)"
+        f"{args.fps:g} fps, {result.codec}) and {result.truth} ({result.objects} objects)"
     )
     return 0
 
@@ -218,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     v = sub.add_parser("synth-video", help="a test video of moving digits with ground truth")
-    v.add_argument("--out", required=True, help="the video to write (.mp4, mp4v codec)")
+    v.add_argument("--out", required=True, help="the video to write (.mp4)")
     v.add_argument("--truth", required=True, help="the ground-truth JSON to write")
     v.add_argument("--frames", type=_positive_int, default=300, help="frames (default 300)")
     v.add_argument("--width", type=_positive_int, default=640, help="pixels (default 640)")
@@ -226,7 +269,32 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--fps", type=_positive_float, default=15.0, help="frame rate (default 15)")
     v.add_argument("--seed", type=int, default=0, help="scene seed (default 0)")
     v.add_argument(
-        "--objects", type=_positive_int, default=3, help="moving digits per frame (default 3)"
+        "--objects", type=_range, default=(1, 4), help="moving digits, N or LO-HI (default 1-4)"
+    )
+    v.add_argument(
+        "--digit-height", type=_range, default=(40, 120), help="pixels, N or LO-HI (default 40-120)"
+    )
+    v.add_argument("--angle", type=_angle, default=45.0, help="rotation within +/- degrees (45)")
+    v.add_argument("--shear", type=_range_max, default=0.2, help="shear within +/- (0.2)")
+    v.add_argument(
+        "--aspect", type=_range_max, default=0.15, help="width/height jitter, log ratio (0.15)"
+    )
+    v.add_argument(
+        "--contrast",
+        type=_range,
+        default=(50, 220),
+        help="ink above background, grey levels, N or LO-HI (default 50-220: strong to weak)",
+    )
+    v.add_argument(
+        "--noise", type=_range, default=(2, 8), help="sensor noise sigma, grey levels (2-8)"
+    )
+    v.add_argument("--blur", type=_range, default=(0, 1.5), help="blur sigma, pixels (0-1.5)")
+    v.add_argument("--clutter", type=int, default=6, help="clutter strokes per segment (6)")
+    v.add_argument(
+        "--codec",
+        choices=["auto", "h264", "mp4v"],
+        default="auto",
+        help="h264 through Debian's ffmpeg, or OpenCV's mp4v (auto: h264 when ffmpeg is there)",
     )
     v.set_defaults(func=cmd_synth_video)
 

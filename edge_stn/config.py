@@ -279,9 +279,24 @@ class ProposalConfig(Section):
         le=4096,
         description="width (pixels) of the reduced grayscale copy proposals are searched on",
     )
-    threshold: int | Literal["otsu"] = Field(
-        "otsu",
-        description="binarization level (0-255) of the reduced copy, or 'otsu' to choose per frame",
+    threshold: int | Literal["local", "otsu"] = Field(
+        "local",
+        description="'local': ink is what stands above the local background (a morphological "
+        "opening of the reduced copy) by more than the noise allows, so faint and strong objects "
+        "are found in one frame; 'otsu': one level per frame (Otsu); or a fixed level 0-255",
+    )
+    background_kernel: int = Field(
+        21,
+        ge=3,
+        le=255,
+        description="'local' threshold: side (reduced-copy pixels) of the opening that estimates "
+        "the background; wider than the widest stroke of the largest object",
+    )
+    min_contrast: float = Field(
+        16.0,
+        ge=1.0,
+        le=255.0,
+        description="'local' threshold: smallest ink level above the local background, grey levels",
     )
     min_area: int = Field(64, ge=1, description="smallest candidate box area, in full-frame pixels")
     max_area: int | None = Field(
@@ -295,15 +310,19 @@ class ProposalConfig(Section):
     @field_validator("threshold", mode="before")
     @classmethod
     def _otsu_or_level(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "otsu" and not value.strip().isdigit():
-            raise ValueError(f"threshold must be 0-255 or 'otsu', got {value!r}")
+        if (
+            isinstance(value, str)
+            and value not in ("local", "otsu")
+            and not value.strip().isdigit()
+        ):
+            raise ValueError(f"threshold must be 0-255, 'local' or 'otsu', got {value!r}")
         return value
 
     @field_validator("threshold")
     @classmethod
     def _level(cls, value: int | str) -> int | str:
         if isinstance(value, int) and not 0 <= value <= 255:
-            raise ValueError(f"threshold must be 0-255 or 'otsu', got {value}")
+            raise ValueError(f"threshold must be 0-255, 'local' or 'otsu', got {value}")
         return value
 
     @model_validator(mode="after")

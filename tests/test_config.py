@@ -172,7 +172,7 @@ def test_protocol_spellings() -> None:
         ({"cameras": [{"id": "c", "source": [0]}]}, ("cameras.0.source: expected a file path",)),
         (
             {"cameras": [{"id": "c", "source": 0, "proposals": {"threshold": "high"}}]},
-            ("cameras.0.proposals.threshold: threshold must be 0-255 or 'otsu'",),
+            ("cameras.0.proposals.threshold: threshold must be 0-255, 'local' or 'otsu'",),
         ),
         (
             {"model": {"providers": [{"name": "tensorrt", "options": {"batch_profile": [1]}}]}},

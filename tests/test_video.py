@@ -435,12 +435,20 @@ def test_synthetic_scene_is_a_function_of_seed_and_index():
     assert a.scene(7).objects == b.scene(7).objects
     assert not np.array_equal(a.scene(7).image, MovingDigits(160, 120, seed=4).scene(7).image)
     assert a.placements(7) != a.placements(8)  # the digits move
-    assert len(a.scene(0).objects) == 3 and {o.label for o in a.scene(0).objects} <= set(range(10))
+    n = len(a.scene(0).objects)
+    assert 1 <= n <= 4 and len(a.scene(9).objects) == n  # one segment keeps its digits
+    assert {o.label for o in a.scene(0).objects} <= set(range(10))
 
 
 def test_synthetic_truth_boxes_are_tight_around_the_rendered_digits():
     gen = MovingDigits(
-        200, 150, fps=10, seed=1, settings=MotionSettings(count=4, noise=0, clutter=0)
+        200,
+        150,
+        fps=10,
+        seed=1,
+        settings=MotionSettings(
+            count=4, noise=0, blur=0, clutter=0, contrast=255, background=(0, 0)
+        ),
     )
     for index in (0, 9, 57, 150):  # 150: another segment, new digits
         scene = gen.scene(index)

@@ -8,6 +8,7 @@ object's label, tight ink box (edge coordinates, as ``cv2.boundingRect``), centr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import cv2
@@ -21,13 +22,19 @@ INK_THRESHOLD = 64  # uint8 level above which a pixel counts as the digit's ink
 
 @dataclass(frozen=True)
 class DigitPlacement:
-    """One digit to draw: pool index, rotation (deg, counter-clockwise), scale, centre (pixels)."""
+    """One digit to draw: pool index, rotation (deg, counter-clockwise), scale, centre (pixels),
+    and its finer pose and look: ``shear`` (x += shear * y in the digit's own upright frame),
+    ``aspect`` (x scale / y scale, about 1) and ``ink`` (peak ink level above the background,
+    grey levels: 255 is full contrast on black, 50 is faint)."""
 
     index: int
     angle: float
     scale: float
     cx: float
     cy: float
+    shear: float = 0.0
+    aspect: float = 1.0
+    ink: float = 255.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,9 @@ class SceneObject:
     cy: float
     angle: float
     scale: float
+    shear: float = 0.0
+    aspect: float = 1.0
+    ink: float = 255.0
 
 
 @dataclass
@@ -47,12 +57,52 @@ class Scene:
     clutter_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
 
 
+def digit_linear(
+    angle: float, scale: float, shear: float = 0.0, aspect: float = 1.0
+) -> npt.NDArray[np.float64]:
+    """2x2 linear part of a digit's placement: rotation (counter-clockwise on screen, as
+    ``cv2.getRotationMatrix2D``) after shear after the per-axis scale."""
+    a = math.radians(angle)
+    rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+    sh = np.array([[1.0, shear], [0.0, 1.0]])
+    sc = np.diag([scale * math.sqrt(aspect), scale / math.sqrt(aspect)])
+    return np.asarray(rot @ sh @ sc, dtype=np.float64)
+
+
 def digit_matrix(p: DigitPlacement) -> npt.NDArray[np.float64]:
-    """2x3: digit pixel (28x28) -> scene pixel, rotated and scaled about the digit's centre."""
-    m = cv2.getRotationMatrix2D((13.5, 13.5), p.angle, p.scale)
-    m[0, 2] += p.cx - 13.5
-    m[1, 2] += p.cy - 13.5
-    return np.asarray(m, dtype=np.float64)
+    """2x3: digit pixel (28x28) -> scene pixel, about the digit's centre (13.5, 13.5)."""
+    lin = digit_linear(p.angle, p.scale, p.shear, p.aspect)
+    t = np.array([p.cx, p.cy]) - lin @ np.array([13.5, 13.5])
+    return np.asarray(np.hstack([lin, t[:, None]]), dtype=np.float64)
+
+
+def footprint_radius(
+    scale: float, shear: float = 0.0, aspect: float = 1.0, half: float = 14.0
+) -> float:
+    """Distance from a digit's centre to the farthest corner of the square of half-side ``half``
+    (digit pixels) around it, at any rotation. MNIST ink lies within about 12 pixels of the
+    centre; 14 is the whole 28x28 cell."""
+    lin = digit_linear(0.0, scale, shear, aspect)
+    corners = np.array([[half, half], [half, -half], [-half, half], [-half, -half]])
+    return float(np.max(np.linalg.norm(corners @ lin.T, axis=1)))
+
+
+def compose(
+    background: npt.NDArray[np.float32],
+    ink: npt.NDArray[np.float32],
+    rng: np.random.Generator,
+    *,
+    blur: float = 0.0,
+    noise: float = 0.0,
+) -> npt.NDArray[np.uint8]:
+    """The camera's picture: background plus ink, optical blur (Gaussian sigma, pixels), sensor
+    noise (Gaussian, grey levels), clipped to uint8."""
+    img = background + ink
+    if blur > 0:
+        img = np.asarray(cv2.GaussianBlur(img, (0, 0), sigmaX=blur, sigmaY=blur), np.float32)
+    if noise > 0:
+        img += noise * rng.standard_normal(img.shape, dtype=np.float32)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def _ink_box(
@@ -66,10 +116,14 @@ def _ink_box(
 
 
 def _warp_max(
-    canvas: npt.NDArray[np.float32], src: npt.NDArray[np.uint8], m: npt.NDArray[np.float64]
+    canvas: npt.NDArray[np.float32],
+    src: npt.NDArray[np.uint8],
+    m: npt.NDArray[np.float64],
+    gain: float = 1.0,
 ) -> tuple[float, float, float, float] | None:
-    """Warp ``src`` by ``m`` into ``canvas`` (pixel-wise maximum), touching only its footprint;
-    returns the tight ink box of what was drawn, in canvas pixels."""
+    """Warp ``src`` by ``m`` into ``canvas`` (pixel-wise maximum, ``src`` scaled by ``gain``),
+    touching only its footprint; returns the tight ink box of the drawn shape (``src`` above
+    ``INK_THRESHOLD`` before the gain), in canvas pixels."""
     h, w = canvas.shape
     sh, sw = src.shape
     corners = np.array(
@@ -94,12 +148,16 @@ def _warp_max(
         borderValue=0,
     )
     roi = canvas[y0:y1, x0:x1]
-    np.maximum(roi, layer.astype(np.float32), out=roi)
+    np.maximum(roi, layer.astype(np.float32) * np.float32(gain), out=roi)
     return _ink_box(np.asarray(layer, dtype=np.uint8), x0, y0)
 
 
 class SceneRenderer:
-    """Draws digits and clutter from one split's pool into frames of a given size."""
+    """Draws digits and clutter from one split's pool into frames of a given size.
+
+    A frame is a background ramp (levels within ``background``) plus an ink layer (every digit
+    and clutter piece at its own ink level, pixel-wise maximum), then blur, then sensor noise.
+    """
 
     def __init__(
         self, pool: DigitPool, *, noise: float = 4.0, background: tuple[int, int] = (0, 30)
@@ -111,28 +169,39 @@ class SceneRenderer:
     def background_image(
         self, width: int, height: int, rng: np.random.Generator
     ) -> npt.NDArray[np.float32]:
+        """A horizontal ramp between two levels drawn from ``background`` (no noise)."""
         lo, hi = self.background
         a, b = rng.uniform(lo, hi, size=2)
-        ramp = np.linspace(a, b, width, dtype=np.float32)[None, :].repeat(height, 0)
-        if self.noise > 0:
-            ramp += self.noise * rng.standard_normal((height, width), dtype=np.float32)
-        return ramp
+        return np.linspace(a, b, width, dtype=np.float32)[None, :].repeat(height, 0)
 
-    def draw_digit(self, canvas: npt.NDArray[np.float32], p: DigitPlacement) -> SceneObject | None:
-        box = _warp_max(canvas, self.pool.images[p.index], digit_matrix(p))
+    def draw_digit(self, ink: npt.NDArray[np.float32], p: DigitPlacement) -> SceneObject | None:
+        """Draw placement ``p`` into the ink layer; its truth, or None if it fell outside."""
+        box = _warp_max(ink, self.pool.images[p.index], digit_matrix(p), p.ink / 255.0)
         if box is None:
             return None
-        return SceneObject(int(self.pool.labels[p.index]), box, p.cx, p.cy, p.angle, p.scale)
+        return SceneObject(
+            int(self.pool.labels[p.index]),
+            box,
+            p.cx,
+            p.cy,
+            p.angle,
+            p.scale,
+            p.shear,
+            p.aspect,
+            p.ink,
+        )
 
     def draw_clutter(
         self,
-        canvas: npt.NDArray[np.float32],
+        ink: npt.NDArray[np.float32],
         rng: np.random.Generator,
         size: tuple[int, int] = (5, 9),
         zoom: tuple[float, float] = (1.0, 2.5),
+        level: tuple[float, float] = (255.0, 255.0),
     ) -> tuple[float, float, float, float] | None:
-        """A fragment of a random digit (a stroke piece, not a whole digit)."""
-        h, w = canvas.shape
+        """A fragment of a random digit (a stroke piece, not a whole digit) at an ink level
+        drawn from ``level``."""
+        h, w = ink.shape
         idx = int(rng.integers(len(self.pool)))
         k = int(rng.integers(size[0], size[1] + 1))
         sx, sy = rng.integers(4, 28 - k - 3, size=2)
@@ -147,7 +216,7 @@ class SceneRenderer:
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
         m[0, 2] += cx - (k / 2 - 0.5)
         m[1, 2] += cy - (k / 2 - 0.5)
-        return _warp_max(canvas, patch, m)
+        return _warp_max(ink, patch, m, float(rng.uniform(*level)) / 255.0)
 
     def render(
         self,
@@ -156,51 +225,25 @@ class SceneRenderer:
         placements: list[DigitPlacement],
         rng: np.random.Generator,
         clutter: int = 0,
+        *,
+        blur: float = 0.0,
+        noise: float | None = None,
+        clutter_zoom: tuple[float, float] = (1.0, 2.5),
+        clutter_level: tuple[float, float] = (255.0, 255.0),
     ) -> Scene:
-        canvas = self.background_image(width, height, rng)
+        """A frame of ``placements`` and ``clutter`` fragments; ``noise`` overrides the
+        renderer's."""
+        background = self.background_image(width, height, rng)
+        ink = np.zeros((height, width), np.float32)
         scene = Scene(np.zeros((height, width), np.uint8))
         for _ in range(clutter):
-            b = self.draw_clutter(canvas, rng)
+            b = self.draw_clutter(ink, rng, zoom=clutter_zoom, level=clutter_level)
             if b is not None:
                 scene.clutter_boxes.append(b)
         for p in placements:
-            obj = self.draw_digit(canvas, p)
+            obj = self.draw_digit(ink, p)
             if obj is not None:
                 scene.objects.append(obj)
-        scene.image = np.clip(canvas, 0, 255).astype(np.uint8)
+        sigma = self.noise if noise is None else noise
+        scene.image = compose(background, ink, rng, blur=blur, noise=sigma)
         return scene
-
-
-def random_placements(
-    pool_size: int,
-    width: int,
-    height: int,
-    count: int,
-    rng: np.random.Generator,
-    *,
-    scale: tuple[float, float] = (1.2, 3.0),
-    angle: float = 45.0,
-    attempts: int = 50,
-) -> list[DigitPlacement]:
-    """Up to ``count`` digits at random poses whose footprints do not overlap."""
-    out: list[DigitPlacement] = []
-    radii: list[float] = []
-    for _ in range(count):
-        for _ in range(attempts):
-            s = float(rng.uniform(*scale))
-            r = 14.0 * s * 1.15
-            if 2 * r >= min(width, height):
-                continue
-            cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
-            if all(
-                (cx - q.cx) ** 2 + (cy - q.cy) ** 2 > (r + rq) ** 2
-                for q, rq in zip(out, radii, strict=True)
-            ):
-                out.append(
-                    DigitPlacement(
-                        int(rng.integers(pool_size)), float(rng.uniform(-angle, angle)), s, cx, cy
-                    )
-                )
-                radii.append(r)
-                break
-    return out

@@ -1,11 +1,13 @@
 """Training windows for detection models (the bundled demo model), cut from synthetic scenes with
 the daemon's own window extractor (:mod:`edge_stn.windows`).
 
-Each digit item renders a small scene: the target digit at a random pose (rotation U[-45, 45],
-scale U[0.8, 3]), up to two neighbouring digits around it (often cut by the window's edge), and
-clutter fragments. Its tight ink box is jittered like an imprecise proposal and cut into a window.
+Each digit item renders a small scene with the look of the synthetic camera's frames
+(:mod:`edge_stn.video.synthetic`): the target digit at a random pose (rotation U[-45, 45], scale
+U[1.5, 6.5], i.e. 30-130 px tall, shear and width jitter), at a random contrast (ink 40-230 grey
+levels above a background ramp), up to two neighbouring digits around it (often cut by the
+window's edge), clutter fragments, blur and sensor noise. Its tight ink box is jittered like an imprecise proposal and cut into a window.
 Background items ("no whole digit") are windows a proposal stage would also produce: a clutter
-fragment, one half of a digit, or an empty patch of background. Digits, neighbours and clutter
+fragment (half of them), one half of a digit, or an empty patch of background. Digits, neighbours and clutter
 all come from the same split, so test windows share nothing with training.
 """
 
@@ -32,8 +34,14 @@ class WindowSource:
         spec: WindowSpec | None = None,
         jitter: float = 0.06,
         background_fraction: float = 0.2,
-        scale: tuple[float, float] = (0.8, 3.0),
+        scale: tuple[float, float] = (1.5, 6.5),
         angle: float = 45.0,
+        shear: float = 0.25,
+        aspect: float = 0.2,
+        contrast: tuple[float, float] = (40.0, 230.0),
+        noise: tuple[float, float] = (0.0, 10.0),
+        blur: tuple[float, float] = (0.0, 2.0),
+        background: tuple[int, int] = (0, 70),
         neighbours: int = 2,
         clutter: int = 4,
     ) -> None:
@@ -42,9 +50,14 @@ class WindowSource:
         self.jitter = jitter
         self.scale = scale
         self.angle = angle
+        self.shear = shear
+        self.aspect = aspect
+        self.contrast = contrast
+        self.noise = noise
+        self.blur = blur
         self.neighbours = neighbours
         self.clutter = clutter
-        self.renderer = SceneRenderer(pool)
+        self.renderer = SceneRenderer(pool, background=background)
         self.label_names = [*DIGIT_NAMES, BACKGROUND]
         self.background_id = len(DIGIT_NAMES)
         self.channels = 1
@@ -57,6 +70,12 @@ class WindowSource:
             "background_label": BACKGROUND,
             "digit_scale": list(scale),
             "digit_angle": angle,
+            "digit_shear": shear,
+            "digit_aspect": aspect,
+            "contrast": list(contrast),
+            "noise": list(noise),
+            "blur": list(blur),
+            "background": list(background),
         }
 
     def num_items(self) -> int:
@@ -69,42 +88,58 @@ class WindowSource:
         side = max(b[2] - b[0], b[3] - b[1])
         return b + rng.normal(0.0, self.jitter * side, size=4)
 
+    def _placement(
+        self, index: int, scale: float, cx: float, cy: float, rng: np.random.Generator
+    ) -> DigitPlacement:
+        return DigitPlacement(
+            index,
+            float(rng.uniform(-self.angle, self.angle)),
+            scale,
+            cx,
+            cy,
+            float(rng.uniform(-self.shear, self.shear)),
+            float(np.exp(rng.uniform(-self.aspect, self.aspect))),
+            float(rng.uniform(*self.contrast)),
+        )
+
     def _scene(self, target: int | None, rng: np.random.Generator) -> tuple[Any, int]:
         s = float(rng.uniform(*self.scale))
-        size = int(np.ceil(28 * s * 3.2))
+        size = int(np.ceil(28 * s * 2.4))
         c = size / 2.0
         places = []
         if target is not None:
-            places.append(
-                DigitPlacement(
-                    target,
-                    float(rng.uniform(-self.angle, self.angle)),
-                    s,
-                    c + rng.uniform(-2, 2) * s,
-                    c + rng.uniform(-2, 2) * s,
-                )
-            )
+            jx, jy = rng.uniform(-2, 2, size=2) * s
+            places.append(self._placement(target, s, c + jx, c + jy, rng))
         for _ in range(int(rng.integers(0, self.neighbours + 1))):
             a = rng.uniform(0, 2 * np.pi)
             d = 28 * s * rng.uniform(1.05, 1.4)
             places.append(
-                DigitPlacement(
+                self._placement(
                     int(rng.integers(len(self.pool))),
-                    float(rng.uniform(-self.angle, self.angle)),
                     s * float(rng.uniform(0.8, 1.25)),
                     c + d * np.cos(a),
                     c + d * np.sin(a),
+                    rng,
                 )
             )
         return self.renderer.render(
-            size, size, places, rng, clutter=int(rng.integers(0, self.clutter + 1))
+            size,
+            size,
+            places,
+            rng,
+            clutter=int(rng.integers(0, self.clutter + 1)),
+            blur=float(rng.uniform(*self.blur)),
+            noise=float(rng.uniform(*self.noise)),
+            clutter_zoom=(0.5 * s, 1.5 * s),
+            clutter_level=self.contrast,
         ), size
 
     def _background_box(self, rng: np.random.Generator) -> tuple[Any, npt.NDArray[np.float64]]:
         scene, size = self._scene(
             int(rng.integers(len(self.pool))) if rng.random() < 0.5 else None, rng
         )
-        kind = rng.integers(3)
+        # Clutter strokes are what a proposal stage finds most often besides digits.
+        kind = rng.choice(3, p=[0.5, 0.25, 0.25])
         if kind == 0 and scene.clutter_boxes:
             return scene, self._jittered(
                 scene.clutter_boxes[int(rng.integers(len(scene.clutter_boxes)))], rng
@@ -151,8 +186,12 @@ def build_window_sources(options: dict[str, Any], val_per_class: int) -> Any:
         opts["jitter"] = opts.pop("proposal_jitter")
     if "digit_scale" in opts:
         opts["scale"] = tuple(opts.pop("digit_scale"))
-    if "digit_angle" in opts:
-        opts["angle"] = opts.pop("digit_angle")
+    for key in ("angle", "shear", "aspect"):
+        if f"digit_{key}" in opts:
+            opts[key] = opts.pop(f"digit_{key}")
+    for key in ("contrast", "noise", "blur", "background"):
+        if key in opts:
+            opts[key] = tuple(opts[key])
 
     def make(pool: DigitPool) -> WindowSource:
         return WindowSource(pool, spec=spec, **opts)

@@ -3,19 +3,32 @@
 Methods (``cameras[].proposals.method``):
 
 * ``components`` (default) and ``contours``: the grayscale frame (or its region of interest) is
-  reduced to ``reduce_to`` pixels wide, binarized (Otsu per frame, or a fixed level), closed with
-  a 3x3 ellipse so broken strokes join, and split into 8-connected components (or external
-  contours). Each candidate's box is mapped back to full-resolution frame pixels and refined to
-  the *tight ink box* at full resolution: the pixels above the same level inside the candidate's
-  own support (its mask, dilated by one reduced pixel), so a neighbour's ink never widens it.
+  reduced to ``reduce_to`` pixels wide and binarized, closed with a 3x3 ellipse so broken strokes
+  join, and split into 8-connected components (or external contours). Binarization (``threshold``):
+
+  - ``local`` (default): the background is a morphological opening of the reduced copy with a
+    ``background_kernel`` square (it removes every stroke narrower than the kernel, and keeps
+    ramps, vignetting and large flat areas); ink is what stands above it by more than
+    ``max(min_contrast, 4 sigma)``, sigma being the frame's noise (robust spread of the top-hat).
+    Faint and strong objects in one frame are both found, on any smooth background;
+  - ``otsu``: one level per frame (Otsu's); faint objects beside strong ones fall below it;
+  - a number: a fixed level.
+
+  Each candidate's box is mapped back to full-resolution frame pixels and refined to the *tight
+  ink box* at full resolution, from the pixels inside the candidate's own support (its mask,
+  dilated by one reduced pixel), so a neighbour's ink never widens it: with ``local``, the pixels
+  (smoothed 3x3) that rise above the background by the level and by a quarter of the candidate's
+  own peak, so faint and strong objects get the same edges (the synthetic truth's: ink above a
+  quarter of full strength); otherwise the pixels above the level.
   The demo model was trained on tight ink boxes jittered by ~6%, so a tight box is what it
   expects. Boxes outside ``[min_area, max_area]`` (full-frame pixels) are dropped.
 * ``rois``: the configured boxes as they are (clipped to the frame);
 * ``full_frame``: the whole frame (or the region of interest) as one box.
 
 Objects are bright on a darker background (as in the synthetic scenes). A frame without real
-contrast (black, flat grey, pure sensor noise) yields no proposals: Otsu's two classes must differ
-by ``min_contrast`` grey levels, otherwise Otsu would split noise into thousands of specks.
+contrast (black, flat grey, pure sensor noise) yields no proposals: with ``local`` nothing stands
+above the noise; with ``otsu`` the two classes must differ by ``MIN_CONTRAST`` grey levels,
+otherwise Otsu would split noise into thousands of specks.
 
 Boxes are ``[x0, y0, x1, y1]`` in frame pixels, edge coordinates (pixel ``i`` spans ``[i, i+1)``,
 as ``cv2.boundingRect`` reports), float64, largest first.
@@ -79,6 +92,26 @@ def search_region(shape: tuple[int, ...], roi: Box | None) -> Region | None:
     if x1 <= x0 or y1 <= y0:
         return None
     return Region(x0, y0, x1, y1)
+
+
+NOISE_SIGMAS = 4.0
+"""'local' threshold: ink must stand this many noise standard deviations above the background."""
+
+
+EDGE_FRACTION = 0.25
+"""'local' threshold: a box's edge is where the ink falls below this fraction of its peak."""
+
+
+def local_background(small: GrayImage, kernel: int, min_contrast: float) -> tuple[GrayImage, float]:
+    """The background of a reduced frame (a grey opening with a ``kernel`` square) and the level
+    above it at which a pixel counts as ink: ``median(top-hat) + max(min_contrast, 4 sigma)``,
+    sigma the robust (MAD) spread of the top-hat, i.e. of the noise where there is no ink."""
+    se = cv2.getStructuringElement(cv2.MORPH_RECT, (kernel, kernel))
+    background = np.asarray(cv2.morphologyEx(small, cv2.MORPH_OPEN, se), np.uint8)
+    top = cv2.subtract(small, background)
+    base = float(np.median(top))
+    sigma = 1.4826 * float(np.median(np.abs(top.astype(np.float32) - base)))
+    return background, base + max(min_contrast, NOISE_SIGMAS * sigma)
 
 
 def binarization_level(small: GrayImage, threshold: int | str, min_contrast: float) -> float | None:
@@ -154,10 +187,16 @@ class ProposalFinder:
             if (sw, sh) == (w, h)
             else np.asarray(cv2.resize(part, (sw, sh), interpolation=cv2.INTER_AREA), np.uint8)
         )
-        level = binarization_level(small, cfg.threshold, self.min_contrast)
-        if level is None:
-            return empty_boxes()
-        binary = (small > level).astype(np.uint8)
+        background: GrayImage | None = None
+        if cfg.threshold == "local":
+            background, level = local_background(small, cfg.background_kernel, cfg.min_contrast)
+            binary = (cv2.subtract(small, background) > level).astype(np.uint8)
+        else:
+            found = binarization_level(small, cfg.threshold, self.min_contrast)
+            if found is None:
+                return empty_boxes()
+            level = found
+            binary = (small > level).astype(np.uint8)
         binary = np.asarray(cv2.morphologyEx(binary, cv2.MORPH_CLOSE, _CLOSE_KERNEL), np.uint8)
         labels, stats = self._label(binary)
         fx, fy = w / sw, h / sh
@@ -168,7 +207,7 @@ class ProposalFinder:
             # The refined box lies inside the padded mapped box: skip what cannot reach min_area.
             if (bw * fx + 2 * pad_x) * (bh * fy + 2 * pad_y) < cfg.min_area:
                 continue
-            box = self._tight_box(part, labels, k, (x, y, bw, bh), (fx, fy), level)
+            box = self._tight_box(part, labels, k, (x, y, bw, bh), (fx, fy), level, background)
             area = (box[2] - box[0]) * (box[3] - box[1])
             if cfg.min_area <= area <= max_area:
                 boxes.append(box)
@@ -202,9 +241,12 @@ class ProposalFinder:
         rect: tuple[int, int, int, int],
         factor: tuple[float, float],
         level: float,
+        background: GrayImage | None = None,
     ) -> tuple[float, float, float, float]:
         """Candidate ``k``'s tight ink box at full resolution (its mapped box if no pixel of the
-        full-resolution frame is above ``level`` inside its support)."""
+        full-resolution frame is above ``level`` inside its support). With a ``background`` (the
+        reduced copy's), ``level`` is above it, and the full-resolution pixels are smoothed 3x3
+        first so that single noisy pixels at the rim do not widen the box."""
         x, y, bw, bh = rect
         fx, fy = factor
         sh, sw = labels.shape
@@ -220,7 +262,17 @@ class ProposalFinder:
         X1, Y1 = min(w, math.ceil(lx1 * fx)), min(h, math.ceil(ly1 * fy))
         ix = np.clip(((np.arange(X0, X1) + 0.5) / fx).astype(np.int64) - lx0, 0, lx1 - lx0 - 1)
         iy = np.clip(((np.arange(Y0, Y1) + 0.5) / fy).astype(np.int64) - ly0, 0, ly1 - ly0 - 1)
-        ink = (part[Y0:Y1, X0:X1] > level) & support[np.ix_(iy, ix)]
+        if background is None:
+            above = part[Y0:Y1, X0:X1] > level
+        else:
+            local = background[ly0:ly1, lx0:lx1][np.ix_(iy, ix)].astype(np.float32)
+            rise = cv2.blur(part[Y0:Y1, X0:X1], (3, 3)).astype(np.float32) - local
+            # The object's edge where its ink falls to a quarter of its own peak (as the
+            # renderer's truth draws it), never below the noise level.
+            inside = support[np.ix_(iy, ix)]
+            peak = float(rise[inside].max()) if inside.any() else 0.0
+            above = rise > max(level, EDGE_FRACTION * peak)
+        ink = above & support[np.ix_(iy, ix)]
         cols = np.flatnonzero(ink.any(axis=0))
         rows = np.flatnonzero(ink.any(axis=1))
         if cols.size == 0:

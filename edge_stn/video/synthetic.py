@@ -1,12 +1,14 @@
 """The synthetic camera: moving digits with ground truth, on a wall clock (NumPy + OpenCV).
 
 :class:`MovingDigits` renders frame ``i`` of a scene as a pure function of ``(seed, i)`` and
-its settings, with the scene renderer of :mod:`edge_stn.data.scenes`: ``count`` digits, each
+its settings (:class:`MotionSettings`), with the scene renderer of :mod:`edge_stn.data.scenes`.
+Every ``segment_s`` seconds a new segment starts: 1-4 digits (by default), each 40-120 px tall
+with its own shear, width jitter and contrast (ink 50-220 grey levels above the background),
 bouncing inside its own cell of a grid over the frame (so digits never overlap and every truth
-box is the box of one whole digit), turning slowly within ``+/-angle`` degrees, on a dark ramp
-with static clutter fragments and per-frame noise. Every ``segment_s`` seconds each cell gets a
-new digit, pose and path. The truth of a frame is one :class:`~edge_stn.data.scenes.SceneObject`
-per digit: label, tight ink box (edge coordinates), centre, angle, scale.
+box is the box of one whole digit) and turning slowly within ``+/-angle`` degrees; a dark ramp
+with clutter strokes cut from other digits; the segment's blur and per-frame sensor noise. The
+truth of a frame is one :class:`~edge_stn.data.scenes.SceneObject` per digit: label, tight ink
+box (edge coordinates), centre, rotation, scale, shear, aspect and contrast.
 
 :class:`SyntheticCamera` is a live source of those frames. It runs on the wall clock: frame
 ``i`` is due ``i / fps`` seconds after ``open()``, a read waits for the next due frame, and
@@ -33,7 +35,14 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_stn.data.mnist import DigitPool
-from edge_stn.data.scenes import DigitPlacement, Scene, SceneObject, SceneRenderer
+from edge_stn.data.scenes import (
+    DigitPlacement,
+    Scene,
+    SceneObject,
+    SceneRenderer,
+    compose,
+    footprint_radius,
+)
 from edge_stn.errors import SourceError
 from edge_stn.records import Frame
 from edge_stn.video.base import FrameSource
@@ -44,7 +53,7 @@ ASSET_PER_CLASS = 10
 DEFAULT_FPS = 15.0
 
 # Independent random streams per purpose: SeedSequence([seed, tag, n]).
-_OBJECT, _CLUTTER, _BACKGROUND, _NOISE = 1, 2, 3, 4
+_OBJECT, _CLUTTER, _BACKGROUND, _NOISE, _LOOK = 1, 2, 3, 4, 5
 
 
 def write_digit_asset(path: str | Path = DIGIT_ASSET, per_class: int = ASSET_PER_CLASS) -> Path:
@@ -95,38 +104,83 @@ def bounce(x: float, lo: float, hi: float) -> float:
     return lo + (t if t <= span else 2.0 * span - t)
 
 
+Range = tuple[float, float]
+
+
+def _as_range(value: float | tuple[float, float], name: str) -> Range:
+    lo, hi = (value, value) if isinstance(value, int | float) else value
+    if not 0 <= lo <= hi:
+        raise ValueError(f"{name} range must be 0 <= lo <= hi, got {value}")
+    return float(lo), float(hi)
+
+
+MNIST_INK_HEIGHT = 20.0
+"""MNIST digits are normalised to a 20x20 box inside their 28x28 cell: a digit drawn at scale
+``s`` is about ``20 s`` pixels tall."""
+
+
 @dataclass(frozen=True)
 class MotionSettings:
-    """The knobs of the moving-digit scene (all defaults are the demo's)."""
+    """The knobs of the moving-digit scene. A pair is a range drawn from per segment (or per
+    object); a single number fixes it. The defaults are deliberately not easy: they are the
+    scene the accuracy targets are measured on."""
 
-    count: int = 3
-    scale: tuple[float, float] = (1.2, 3.0)
-    """Digit scale range (MNIST digits are 28 px with ~20 px of ink: 1.2-3 is 24-60 px)."""
+    count: int | tuple[int, int] = (1, 4)
+    """Moving digits per segment."""
+    height: float | tuple[float, float] = (40.0, 120.0)
+    """Digit height in pixels (scale = height / 20; capped so a digit fits its grid cell)."""
     angle: float = 45.0
+    """Rotation within +/- this many degrees."""
+    shear: float = 0.2
+    """Shear within +/- this (x += shear * y, in the digit's upright frame)."""
+    aspect: float = 0.15
+    """Width/height jitter: the x/y scale ratio lies within exp(+/- aspect)."""
+    contrast: float | tuple[float, float] = (50.0, 220.0)
+    """Ink level above the background, grey levels (strong 220 to weak 50), per digit."""
+    background: tuple[int, int] = (0, 60)
+    """Background ramp levels."""
     speed: tuple[float, float] = (20.0, 80.0)
     """Speed range, pixels per second."""
     turn_period_s: tuple[float, float] = (3.0, 8.0)
     clutter: int = 6
-    noise: float = 4.0
+    """Clutter strokes cut from other digits, per segment."""
+    noise: float | tuple[float, float] = (2.0, 8.0)
+    """Gaussian sensor noise (standard deviation, grey levels), per segment."""
+    blur: float | tuple[float, float] = (0.0, 1.5)
+    """Gaussian blur (sigma, pixels), per segment."""
     segment_s: float = 8.0
 
     def __post_init__(self) -> None:
-        if self.count < 0:
-            raise ValueError(f"count must be >= 0, got {self.count}")
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale range must be 0 < lo <= hi, got {self.scale}")
+        lo, hi = (self.count, self.count) if isinstance(self.count, int) else self.count
+        if not 0 <= lo <= hi:
+            raise ValueError(f"count must be >= 0 (or a range lo <= hi), got {self.count}")
+        if _as_range(self.height, "height")[0] <= 0:
+            raise ValueError(f"height must be > 0, got {self.height}")
+        for name in ("contrast", "noise", "blur"):
+            _as_range(getattr(self, name), name)
         if not 0 <= self.speed[0] <= self.speed[1]:
             raise ValueError(f"speed range must be 0 <= lo <= hi, got {self.speed}")
         if not 0 < self.turn_period_s[0] <= self.turn_period_s[1]:
             raise ValueError(f"turn period range must be 0 < lo <= hi, got {self.turn_period_s}")
+        if not 0 <= self.background[0] <= self.background[1] <= 255:
+            raise ValueError(f"background must be 0 <= lo <= hi <= 255, got {self.background}")
         if self.segment_s <= 0:
             raise ValueError(f"segment_s must be > 0, got {self.segment_s}")
+        if self.angle < 0 or self.shear < 0 or self.aspect < 0 or self.clutter < 0:
+            raise ValueError("angle, shear, aspect and clutter must be >= 0")
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return (self.count, self.count) if isinstance(self.count, int) else self.count
 
 
 @dataclass(frozen=True)
 class _Path:
     index: int
     scale: float
+    shear: float
+    aspect: float
+    ink: float
     x: float
     y: float
     vx: float
@@ -136,6 +190,15 @@ class _Path:
     omega: float
     phase: float
     bounds: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """What stays fixed for ``segment_s`` seconds: the digits and their paths, the look."""
+
+    paths: list[_Path]
+    noise: float
+    blur: float
 
 
 class MovingDigits:
@@ -157,10 +220,7 @@ class MovingDigits:
         self.width, self.height, self.fps, self.seed = int(width), int(height), float(fps), seed
         self.settings = settings or MotionSettings()
         self.pool = pool if pool is not None else load_digit_asset()
-        self.renderer = SceneRenderer(self.pool, noise=0.0)
-        n = self.settings.count
-        self.cols = min(n, max(1, math.ceil(math.sqrt(n * self.width / self.height)))) if n else 0
-        self.rows = math.ceil(n / self.cols) if n else 0
+        self.renderer = SceneRenderer(self.pool, noise=0.0, background=self.settings.background)
         self.segment_frames = max(1, round(self.settings.segment_s * self.fps))
 
     def describe(self) -> dict[str, Any]:
@@ -170,7 +230,6 @@ class MovingDigits:
             "height": self.height,
             "fps": self.fps,
             "seed": self.seed,
-            "grid": [self.cols, self.rows],
             "segment_frames": self.segment_frames,
             **asdict(self.settings),
         }
@@ -178,21 +237,45 @@ class MovingDigits:
     def _rng(self, tag: int, n: int, j: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, tag, n, j])
 
-    def _path(self, segment: int, j: int) -> _Path:
+    def grid(self, n: int) -> tuple[int, int]:
+        """Columns and rows of the cells ``n`` digits move in (one digit per cell)."""
+        if n == 0:
+            return 0, 0
+        cols = min(n, max(1, math.ceil(math.sqrt(n * self.width / self.height))))
+        return cols, math.ceil(n / cols)
+
+    @lru_cache(maxsize=8)  # noqa: B019 (a handful of segments, for the generator's lifetime)
+    def _segment(self, segment: int) -> _Segment:
         s = self.settings
-        rng = self._rng(_OBJECT, segment, j)
-        cw, ch = self.width / self.cols, self.height / self.rows
-        cx0, cy0 = (j % self.cols) * cw, (j // self.cols) * ch
-        # Footprint radius of a rotated digit (scene.random_placements' margin); it must fit.
-        fit = min(cw, ch) / (2 * 14.0 * 1.15)
-        scale = min(float(rng.uniform(*s.scale)), fit)
-        r = 14.0 * scale * 1.15
+        rng = self._rng(_OBJECT, segment)
+        n = int(rng.integers(s.counts[0], s.counts[1] + 1))
+        look = self._rng(_LOOK, segment)
+        noise = float(look.uniform(*_as_range(s.noise, "noise")))
+        blur = float(look.uniform(*_as_range(s.blur, "blur")))
+        return _Segment([self._path(segment, j, n) for j in range(n)], noise, blur)
+
+    def _path(self, segment: int, j: int, n: int) -> _Path:
+        s = self.settings
+        rng = self._rng(_OBJECT, segment, j + 1)
+        cols, rows = self.grid(n)
+        cw, ch = self.width / cols, self.height / rows
+        cx0, cy0 = (j % cols) * cw, (j // cols) * ch
+        shear = float(rng.uniform(-s.shear, s.shear))
+        aspect = float(math.exp(rng.uniform(-s.aspect, s.aspect)))
+        scale = float(rng.uniform(*_as_range(s.height, "height"))) / MNIST_INK_HEIGHT
+        # The digit's ink (within ~12 px of its centre) must fit its cell at any rotation.
+        fit = min(cw, ch) / (2 * footprint_radius(1.0, shear, aspect, half=12.0))
+        scale = min(scale, fit)
+        r = footprint_radius(scale, shear, aspect, half=12.0)
         bounds = (cx0 + r, cy0 + r, cx0 + cw - r, cy0 + ch - r)
         heading = rng.uniform(0, 2 * np.pi)
         speed = rng.uniform(*s.speed) / self.fps
         return _Path(
             index=int(rng.integers(len(self.pool))),
             scale=scale,
+            shear=shear,
+            aspect=aspect,
+            ink=float(rng.uniform(*_as_range(s.contrast, "contrast"))),
             x=float(rng.uniform(bounds[0], max(bounds[0], bounds[2]))),
             y=float(rng.uniform(bounds[1], max(bounds[1], bounds[3]))),
             vx=float(speed * np.cos(heading)),
@@ -208,8 +291,7 @@ class MovingDigits:
         """Where each digit is in frame ``index``."""
         segment, t = divmod(index, self.segment_frames)
         out = []
-        for j in range(self.settings.count):
-            p = self._path(segment, j)
+        for p in self._segment(segment).paths:
             x0, y0, x1, y1 = p.bounds
             out.append(
                 DigitPlacement(
@@ -218,6 +300,9 @@ class MovingDigits:
                     p.scale,
                     bounce(p.x + p.vx * t, x0, x1),
                     bounce(p.y + p.vy * t, y0, y1),
+                    p.shear,
+                    p.aspect,
+                    p.ink,
                 )
             )
         return out
@@ -228,23 +313,26 @@ class MovingDigits:
             raise ValueError(f"frame index must be >= 0, got {index}")
         segment = index // self.segment_frames
         s = self.settings
-        canvas = self.renderer.background_image(
+        seg = self._segment(segment)
+        background = self.renderer.background_image(
             self.width, self.height, self._rng(_BACKGROUND, segment)
         )
-        if s.noise > 0:
-            noise = self._rng(_NOISE, index).standard_normal(canvas.shape, dtype=np.float32)
-            canvas += s.noise * noise
+        ink = np.zeros((self.height, self.width), np.float32)
         scene = Scene(np.zeros((self.height, self.width), np.uint8))
         clutter_rng = self._rng(_CLUTTER, segment)
         for _ in range(s.clutter):
-            box = self.renderer.draw_clutter(canvas, clutter_rng)
+            box = self.renderer.draw_clutter(
+                ink, clutter_rng, zoom=(1.5, 5.0), level=_as_range(s.contrast, "contrast")
+            )
             if box is not None:
                 scene.clutter_boxes.append(box)
         for p in self.placements(index):
-            obj = self.renderer.draw_digit(canvas, p)
+            obj = self.renderer.draw_digit(ink, p)
             if obj is not None:
                 scene.objects.append(obj)
-        scene.image = np.clip(canvas, 0, 255).astype(np.uint8)
+        scene.image = compose(
+            background, ink, self._rng(_NOISE, index), blur=seg.blur, noise=seg.noise
+        )
         return scene
 
     def frame_bgr(self, index: int) -> tuple[npt.NDArray[np.uint8], list[SceneObject]]:
@@ -261,6 +349,9 @@ def truth_dict(obj: SceneObject) -> dict[str, Any]:
         "center": [round(obj.cx, 3), round(obj.cy, 3)],
         "angle": round(obj.angle, 3),
         "scale": round(obj.scale, 4),
+        "shear": round(obj.shear, 4),
+        "aspect": round(obj.aspect, 4),
+        "contrast": round(obj.ink, 1),
     }
 
 
@@ -297,8 +388,9 @@ class SyntheticCamera(FrameSource):
     @property
     def description(self) -> str:
         w, h, fps, seed, settings, _ = self._args
-        count = (settings or MotionSettings()).count
-        return f"synthetic camera {w}x{h} at {fps:g} fps, {count} digits, seed {seed}"
+        lo, hi = (settings or MotionSettings()).counts
+        digits = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        return f"synthetic camera {w}x{h} at {fps:g} fps, {digits} digits, seed {seed}"
 
     @property
     def generator(self) -> MovingDigits:

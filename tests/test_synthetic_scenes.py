@@ -1,0 +1,123 @@
+"""The knobs of the synthetic scene and of `edge-stn synth-video` (issue 4 §7): object count,
+digit height, rotation, shear, contrast, noise, blur, H.264 through Debian's ffmpeg, and truth
+that matches the rendered pixels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_stn import cli
+from edge_stn.data.scenes import INK_THRESHOLD, DigitPlacement, SceneRenderer, digit_matrix
+from edge_stn.video.synthetic import MotionSettings, MovingDigits, load_digit_asset
+
+FIELDS = "codec_name,width,height,nb_frames"
+QUIET = {"noise": 0.0, "blur": 0.0, "clutter": 0, "background": (20, 20)}
+
+
+def segments(gen: MovingDigits, n: int) -> list[int]:
+    return [k * gen.segment_frames for k in range(n)]
+
+
+def test_default_scene_draws_one_to_four_digits_40_to_120_px_tall() -> None:
+    gen = MovingDigits(seed=11)
+    counts, heights, angles = set(), [], []
+    for index in segments(gen, 40):
+        objs = gen.scene(index).objects
+        counts.add(len(objs))
+        for o in objs:
+            heights.append(20.0 * o.scale)  # MNIST ink is 20 px of 28: the drawn height
+            angles.append(o.angle)
+    assert counts == {1, 2, 3, 4}
+    assert 40 <= min(heights) < 55 and 105 < max(heights) <= 120
+    assert max(np.abs(angles)) <= 45 and max(np.abs(angles)) > 30
+
+
+def test_a_digit_is_drawn_as_tall_as_its_height_and_at_its_contrast() -> None:
+    pool = load_digit_asset()
+    r = SceneRenderer(pool, noise=0.0, background=(20, 20))
+    for index, scale, ink in ((0, 2.0, 60.0), (15, 6.0, 200.0)):
+        scene = r.render(300, 300, [DigitPlacement(index, 0.0, scale, 150, 150, ink=ink)], rng())
+        (obj,) = scene.objects
+        y0, y1 = obj.box[1], obj.box[3]
+        # The digit's own 28x28 ink box, scaled: upright, no shear, the height is 20 s +/- 2 px.
+        ys = np.flatnonzero((pool.images[index] > INK_THRESHOLD).any(axis=1))
+        assert abs((y1 - y0) - (ys[-1] - ys[0] + 1) * scale) <= 2 * scale
+        assert abs(float(scene.image.max()) - 20 - ink) <= 1.0
+
+
+def test_contrast_noise_and_blur_follow_the_settings() -> None:
+    flat = MotionSettings(count=0, **QUIET)
+    img = MovingDigits(200, 150, seed=1, settings=flat).scene(0).image
+    assert np.all(img == 20)
+    noisy = MotionSettings(count=0, noise=6.0, blur=0.0, clutter=0, background=(60, 60))
+    img = MovingDigits(200, 150, seed=1, settings=noisy).scene(0).image.astype(np.float64)
+    assert 5.7 < img.std() < 6.3 and abs(img.mean() - 60) < 0.3
+    sharp = MovingDigits(320, 240, seed=2, settings=MotionSettings(count=2, **QUIET))
+    blurred = MovingDigits(
+        320, 240, seed=2, settings=MotionSettings(count=2, **{**QUIET, "blur": 1.5})
+    )
+    a, b = sharp.scene(3).image.astype(np.float64), blurred.scene(3).image.astype(np.float64)
+    assert sharp.scene(3).objects == blurred.scene(3).objects  # the same digits and poses
+    lap = [np.abs(cv2.Laplacian(x, cv2.CV_64F)).sum() for x in (a, b)]
+    assert lap[1] < 0.8 * lap[0]  # blur removes fine detail
+    for o in sharp.scene(3).objects:
+        assert 50 <= o.ink <= 220
+
+
+def test_shear_and_aspect_move_the_ink_as_the_placement_says() -> None:
+    p = DigitPlacement(3, 0.0, 3.0, 100, 100, shear=0.3, aspect=1.2, ink=255)
+    m = digit_matrix(p)
+    centre = m @ np.array([13.5, 13.5, 1.0])
+    np.testing.assert_allclose(centre, [100, 100])
+    # x += shear * y (digit frame), then x scaled by s * sqrt(aspect), y by s / sqrt(aspect).
+    np.testing.assert_allclose(m[:, :2], [[3 * 1.2**0.5, 0.3 * 3 / 1.2**0.5], [0, 3 / 1.2**0.5]])
+
+
+def test_settings_reject_impossible_ranges() -> None:
+    for bad in ({"count": (3, 1)}, {"height": (0, 10)}, {"contrast": (90, 20)}, {"blur": -1}):
+        with pytest.raises(ValueError):
+            MotionSettings(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="Debian's ffmpeg is not installed")
+def test_synth_video_writes_h264_with_the_knobs_in_its_truth(tmp_path: Path) -> None:
+    out, truth = tmp_path / "s.mp4", tmp_path / "s.json"
+    args = ["--frames", "20", "--seed", "4", "--objects", "2", "--contrast", "120-140"]
+    assert cli.main(["synth-video", "--out", str(out), "--truth", str(truth), *args]) == 0
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-of", "json", "-show_entries", f"stream={FIELDS}", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (stream,) = json.loads(probe.stdout)["streams"]
+    assert (stream["codec_name"], stream["width"], stream["height"]) == ("h264", 640, 480)
+    assert int(stream["nb_frames"]) == 20
+    doc = json.loads(truth.read_text())
+    assert doc["codec"] == "h264" and doc["generator"]["count"] == [2, 2]
+    objs = [o for f in doc["frames"] for o in f["objects"]]
+    assert len(objs) == 40 and all(120 <= o["contrast"] <= 140 for o in objs)
+    assert {"angle", "scale", "shear", "aspect", "box"} <= set(objs[0])
+    cap = cv2.VideoCapture(str(out))
+    ok, first = cap.read()
+    cap.release()
+    gen = MovingDigits(seed=4, settings=MotionSettings(count=2, contrast=(120, 140)))
+    gray = cv2.cvtColor(first, cv2.COLOR_BGR2GRAY).astype(np.float64)
+    assert ok and np.abs(gray - gen.scene(0).image).mean() < 3.0  # lossy, but that frame
+
+
+def test_synth_video_rejects_bad_knobs(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in (["--contrast", "9-3"], ["--objects", "a"], ["--angle", "200"]):
+        assert cli.main(["synth-video", "--out", "x.mp4", "--truth", "t.json", *bad]) == 2
+        assert bad[0] in capsys.readouterr().err
+
+
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
