@@ -252,6 +252,17 @@ def test_unreachable_stream_is_retried_with_backoff(stop: threading.Event):
     assert os.environ.get(FFMPEG_OPTIONS_ENV) == options_before
 
 
+def test_missing_usb_camera_is_counted_and_retried(stop: threading.Event):
+    index = next(i for i in range(63, 0, -1) if not Path(f"/dev/video{i}").exists())
+    reader = make_reader(CameraConfig(id="usb9", source=index), stop, backoff=fast_backoff())
+    reader.start()
+    assert wait_for(lambda: reader.stats().open_errors >= 3)
+    s = reader.stats()
+    assert s.frames == 0 and s.reconnects >= 2 and reader.is_alive() and not reader.finished
+    stop.set()
+    assert reader.join(1.0)
+
+
 class MjpegCamera:
     """An IP camera on loopback: MJPEG over HTTP (``multipart/x-mixed-replace``), 100 fps.
     Each connection gets ``frames`` frames, then the server closes it (``end="close"``) or goes
