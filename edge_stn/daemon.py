@@ -14,20 +14,38 @@ Threads, named so a stack dump tells who is who:
 * ``edge-stn.publisher``: cuts the canonical crops (:mod:`edge_stn.detect.crops`) and hands the
   result and its crops to :class:`~edge_stn.publish.client.MqttPublisher` (paho's own network
   thread does the rest).
+* ``edge-stn.model-loader``: builds an :class:`~edge_stn.runtime.engine.Engine` (ONNX Runtime
+  session and warm-up) at start-up and after a reload that changes the model, so signals are
+  handled meanwhile (a TensorRT engine build takes minutes).
 * the caller's thread (:meth:`Daemon.run`): the readers' stall watchdog once a second, the
   ``stats`` message every ``stats_interval_s``, signals, and config reloads.
 
-Start order: publisher (connects in the background), publisher stage, detector stage, readers;
-stop in reverse, on one stop event: the readers end, the detector finishes its batch, the
-publisher stage drains the queue, and the publisher sends ``offline`` and disconnects. When
-every camera has ended (files without ``loop``) the daemon drains the same way and
-:meth:`Daemon.run` returns 0.
+Start-up (:func:`run_daemon`): the config is validated; file cameras are opened once, and when
+every camera is a file that cannot be read the daemon refuses to start (exit code 2, one line
+naming the source and the problem; a camera that fails among others is logged, counted in its
+stats and the others go on); the model is loaded and warmed up on the loader thread while
+SIGTERM/SIGINT are already handled (a stop then exits 0 at once). Then the stages start
+downstream first: publisher (connects in the background), publisher stage, detector stage,
+readers; they stop in reverse, on one stop event: the readers end, the detector finishes its
+batch, the publisher stage drains the queue, and the publisher sends ``offline`` and
+disconnects. When every camera has ended (files without ``loop``) the daemon drains the same
+way and :meth:`Daemon.run` returns 0.
 
-SIGHUP re-reads and validates the config file. Applied at once: ``detection`` (score threshold,
-NMS, max per frame), ``crops.enabled``, ``crops.jpeg_quality``, ``crops.max_payload_bytes`` and
-``stats_interval_s``. Everything else (device id, model, cameras, crop size, MQTT) needs a
-restart: a reload that changes it says so in the log and keeps the running values. A config
-that does not validate is logged and ignored.
+SIGHUP re-reads and validates the config file and applies it while running:
+
+* ``cameras``: cameras removed are stopped, cameras added are started, a camera whose source
+  settings changed (``source``, ``fps``, ``on_end``, timeouts, ``rtsp_transport``) is restarted;
+  a change of only ``proposals`` or ``roi`` applies without touching its reader, and unchanged
+  cameras are not disturbed;
+* ``detection``, ``crops`` (all of it) and ``stats_interval_s`` apply from the next frame;
+* ``model``: the new model is loaded and warmed up on the loader thread while the running one
+  goes on, and swapped in only when that succeeded; otherwise the running model stays and the
+  log says why. Results name the model that produced them, and the retained ``online`` status
+  is published again with the new model and config hash;
+* ``device_id`` and ``mqtt`` need a restart (they define the MQTT session and topics): a reload
+  that changes them says so in the log and keeps the running values.
+
+A config that does not validate is logged in one line and the running config is kept.
 
 Torch-free: ONNX Runtime is reached only through :class:`~edge_stn.runtime.engine.Engine`.
 """
@@ -35,8 +53,10 @@ Torch-free: ONNX Runtime is reached only through :class:`~edge_stn.runtime.engin
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,16 +65,24 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from edge_stn.config import CropConfig, DaemonConfig, load_config
+from edge_stn.config import (
+    CameraConfig,
+    CropConfig,
+    DaemonConfig,
+    ModelConfig,
+    config_hash,
+    load_config,
+    redact_url,
+)
 from edge_stn.detect.crops import EncodedCrop, canonical_crop, encode_jpeg
 from edge_stn.detect.detector import Detector
-from edge_stn.errors import EdgeStnError
+from edge_stn.errors import EdgeStnError, SourceError
 from edge_stn.publish.client import MqttPublisher, PublishedResult, PublisherLimits
 from edge_stn.publish.payloads import ModelInfo, stats_document
 from edge_stn.publish.stats import LatencyWindow, ProcessMeter
 from edge_stn.records import Frame, FrameResult
 from edge_stn.runtime.engine import Engine
-from edge_stn.video.factory import make_reader
+from edge_stn.video.factory import file_camera_problems, make_reader
 from edge_stn.video.reader import CameraReader
 
 logger = logging.getLogger(__name__)
@@ -63,15 +91,130 @@ RESULT_QUEUE_SIZE = 16
 """Results waiting for the publisher stage (each holds its frame for the crops)."""
 STOP_TIMEOUT_S = 5.0
 """SIGTERM to exit, at most (DESIGN §7): the MQTT stop gets what the threads leave of it."""
-HOT_RELOADABLE = ("detection", "crops.enabled", "crops.jpeg_quality", "crops.max_payload_bytes")
+LOADER_THREAD = "edge-stn.model-loader"
+RESTART_ONLY = ("device_id", "mqtt")
+"""Config sections a reload cannot change: they define the MQTT session and its topics."""
+READER_FIELDS = ("source", "fps", "on_end", "open_timeout_s", "read_timeout_s", "rtsp_transport")
+"""A camera's settings its reader depends on: a change restarts the reader (proposals and
+region of interest are the detector's, and apply without touching it)."""
+
+
+class StartupInterrupted(Exception):
+    """A stop (SIGTERM, SIGINT) arrived while the daemon was starting (loading its model)."""
+
+
+# ------------------------------------------------------------ loading a model off the main thread
+
+
+class ModelLoad:
+    """An :class:`Engine` built (session and warm-up) on a thread of its own, so the caller
+    stays responsive to signals. The thread is a daemon thread: a stop does not wait for it."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        self.model = model
+        self.started = time.monotonic()
+        self._done = threading.Event()
+        self._engine: Engine | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._load, name=LOADER_THREAD, daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self._engine = Engine(self.model)
+        except BaseException as exc:  # handed to whoever waits for the result
+            self._error = exc
+        finally:
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self) -> Engine:
+        """The engine, or the load's error (a :class:`~edge_stn.errors.ModelError`, ...)."""
+        if not self._done.is_set():
+            raise RuntimeError("the model load has not finished")
+        if self._error is not None:
+            raise self._error
+        assert self._engine is not None
+        return self._engine
+
+
+def load_engine(model: ModelConfig, stop: threading.Event | None = None) -> Engine:
+    """Load and warm up ``model`` on the loader thread; raises :class:`StartupInterrupted` as
+    soon as ``stop`` is set (the load is abandoned), and the load's own error otherwise."""
+    load = ModelLoad(model)
+    while not load.wait(0.05):
+        if stop is not None and stop.is_set():
+            raise StartupInterrupted(f"stopped while loading the model {model.model_path}")
+    return load.result()
+
+
+def model_info(engine: Engine) -> ModelInfo:
+    return ModelInfo(name=engine.name, sha256=engine.sha256)
+
+
+def check_cameras(cameras: list[CameraConfig]) -> None:
+    """Refuse a config none of whose cameras can run: every one a video file that cannot be
+    read. A :class:`SourceError` naming the (first) source and the problem; a file camera that
+    fails among others is left to its reader (logged, counted, the others go on)."""
+    problems = file_camera_problems(cameras)
+    if not problems or len(problems) < len(cameras):
+        return
+    first = next(iter(problems.values()))
+    more = f" (and {len(problems) - 1} more: no camera can be read)" if len(problems) > 1 else ""
+    raise SourceError(first.detail + more, path=first.path, key=first.key)
+
+
+def _reader_settings(camera: CameraConfig) -> tuple[Any, ...]:
+    return tuple(getattr(camera, name) for name in READER_FIELDS)
+
+
+def handle_signals(on_stop: Callable[[], None], on_reload: Callable[[], None]) -> dict[int, Any]:
+    """SIGTERM and SIGINT call ``on_stop``, SIGHUP ``on_reload``; returns the previous handlers
+    (for :func:`restore_signals`). Only from the main thread."""
+
+    def stop_handler(signum: int, frame: FrameType | None) -> None:
+        logger.info("%s: stopping", signal.Signals(signum).name)
+        on_stop()
+
+    def hup_handler(signum: int, frame: FrameType | None) -> None:
+        on_reload()
+
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, stop_handler)
+    if hasattr(signal, "SIGHUP"):
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hup_handler)
+    return previous
+
+
+def restore_signals(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """The detector and the model it runs, swapped together by a reload."""
+
+    detector: Detector
+    model: ModelInfo
 
 
 @dataclass(frozen=True)
 class _Work:
-    """One processed frame on its way to the publisher stage."""
+    """One processed frame on its way to the publisher stage, with the model that processed it
+    and the crop size its affines are computed for (both may change by a reload)."""
 
     result: FrameResult
     frame: Frame
+    model: ModelInfo
+    crop_size: int
 
 
 _END = object()
@@ -83,8 +226,10 @@ class Daemon:
 
     Construction does every start-up check that can fail on bad input, so an error is an
     :class:`~edge_stn.errors.EdgeStnError` before any thread runs: the model (missing, corrupt,
-    without metadata, sha256 mismatch), the sources (a video file that does not exist), TLS
-    files. ``config_path`` is what SIGHUP re-reads.
+    without metadata, sha256 mismatch), the sources (no camera can be read: every one a video
+    file that is missing or unreadable), TLS files. Without ``engine`` the model is loaded on
+    the loader thread, and a ``stop_event`` set meanwhile raises :class:`StartupInterrupted`.
+    ``config_path`` is what SIGHUP re-reads.
     """
 
     def __init__(
@@ -96,32 +241,37 @@ class Daemon:
         limits: PublisherLimits | None = None,
         queue_size: int = RESULT_QUEUE_SIZE,
         on_published: Callable[[PublishedResult], None] | None = None,
+        stop_event: threading.Event | None = None,
+        reload_event: threading.Event | None = None,
     ) -> None:
         self.config = config
         self.config_path = Path(config_path) if config_path is not None else None
-        self.stop_event = threading.Event()
+        self.stop_event = stop_event if stop_event is not None else threading.Event()
         self._wakeup = threading.Event()
-        self._reload_requested = threading.Event()
+        self._reload_requested = reload_event if reload_event is not None else threading.Event()
         self._on_published = on_published
-        self.engine = engine if engine is not None else Engine(config.model)
-        self.detector = Detector.from_config(self.engine, config, max_batch=self.engine.max_batch)
-        self.readers: list[CameraReader] = [
-            make_reader(cam, self.stop_event, wakeup=self._wakeup) for cam in config.cameras
-        ]
-        self._live = {r.camera_id: r.is_live for r in self.readers}
-        self.publisher = MqttPublisher.from_config(
-            config,
-            ModelInfo(name=self.engine.name, sha256=self.engine.sha256),
-            limits=limits,
-        )
+        check_cameras(config.cameras)
+        if engine is None:
+            logger.info("loading the model %s", config.model.model_path)
+            engine = load_engine(config.model, self.stop_event)
+        self.engine = engine
+        self._stage = _Stage(self._make_detector(engine, config), model_info(engine))
+        self._loading: ModelLoad | None = None
+        self._lock = threading.Lock()
+        self._processed: dict[str, int] = {}
+        self.readers: list[CameraReader] = []
+        self._reader_stops: dict[str, threading.Event] = {}
+        self._live: dict[str, bool] = {}
+        for cam in config.cameras:
+            self._add_reader(cam)
+        self.publisher = MqttPublisher.from_config(config, self._stage.model, limits=limits)
         self._crops: CropConfig = config.crops
         self._stats_interval_s = config.stats_interval_s
         self._queue: queue.Queue[_Work | object] = queue.Queue(maxsize=queue_size)
-        self._lock = threading.Lock()
-        self._processed: dict[str, int] = {r.camera_id: 0 for r in self.readers}
         self._queue_drops = 0
         self._publish_drops = 0
         self._stage_errors = 0
+        self._model_load_failures = 0
         self._detect_ms = LatencyWindow()
         self._publish_ms = LatencyWindow()
         self._meter = ProcessMeter()
@@ -136,6 +286,35 @@ class Daemon:
         self.started_at = self.publisher.info.started_at
         self._last_processed: dict[str, int] = {}
         self._last_stats_ts = self.started_at
+
+    @staticmethod
+    def _make_detector(engine: Engine, config: DaemonConfig) -> Detector:
+        return Detector.from_config(engine, config, max_batch=engine.max_batch)
+
+    @property
+    def detector(self) -> Detector:
+        """The detector in use (a reload may replace it)."""
+        return self._stage.detector
+
+    def _add_reader(self, camera: CameraConfig) -> CameraReader:
+        """Make (not start) the reader of a camera, with a stop event of its own so a reload
+        can stop it alone; :meth:`request_stop` sets them all."""
+        stop = threading.Event()
+        reader = make_reader(camera, stop, wakeup=self._wakeup)
+        self._reader_stops[camera.id] = stop
+        self._live = {**self._live, camera.id: reader.is_live}
+        with self._lock:
+            self._processed.setdefault(camera.id, 0)
+        self.readers = [*self.readers, reader]  # replaced, never mutated: others iterate it
+        return reader
+
+    def _remove_reader(self, camera_id: str) -> None:
+        """Stop a camera's reader and forget it (not waited for: it ends by itself, a thread
+        stuck in a C call is abandoned)."""
+        stop = self._reader_stops.pop(camera_id, None)
+        if stop is not None:
+            stop.set()
+        self.readers = [r for r in self.readers if r.camera_id != camera_id]
 
     # ------------------------------------------------------------ life cycle
 
@@ -161,6 +340,8 @@ class Daemon:
     def request_stop(self) -> None:
         """Ask every stage to stop (safe from a signal handler or any thread)."""
         self.stop_event.set()
+        for stop in list(self._reader_stops.values()):
+            stop.set()
         self._wakeup.set()
 
     def request_reload(self) -> None:
@@ -203,8 +384,12 @@ class Daemon:
         :meth:`request_stop`, ``duration_s``), stop; returns the exit code (0)."""
         restore: dict[int, Any] = {}
         if install_signals:
-            restore = self._install_signals()
+            restore = handle_signals(self.request_stop, self._on_hup)
         try:
+            if self.stop_event.is_set():  # stopped before it started: nothing to undo
+                logger.info("stop requested before the daemon started")
+                self._stopped = True
+                return 0
             self.start()
             deadline = None if duration_s is None else time.monotonic() + duration_s
             next_stats = time.monotonic() + self._stats_interval_s
@@ -215,6 +400,7 @@ class Daemon:
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()
                     self.reload()
+                self._check_model_load()
                 now = time.monotonic()
                 if now >= next_stats:
                     self.publish_stats()
@@ -225,31 +411,18 @@ class Daemon:
                 logger.info("every camera has ended: stopping")
         finally:
             self.stop()
-            for signum, handler in restore.items():
-                signal.signal(signum, handler)
+            restore_signals(restore)
         return 0
 
-    def _install_signals(self) -> dict[int, Any]:
-        def on_stop(signum: int, frame: FrameType | None) -> None:
-            logger.info("%s: stopping", signal.Signals(signum).name)
-            self.request_stop()
-
-        def on_hup(signum: int, frame: FrameType | None) -> None:
-            self.request_reload()
-            self._wakeup.set()
-
-        previous: dict[int, Any] = {}
-        for signum, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop)):
-            previous[signum] = signal.signal(signum, handler)
-        if hasattr(signal, "SIGHUP"):
-            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
-        return previous
+    def _on_hup(self) -> None:
+        self.request_reload()
+        self._wakeup.set()
 
     # ------------------------------------------------------------ reload
 
     def reload(self) -> bool:
-        """Re-read the config file and apply what can change while running; False (logged) if
-        there is no file or it does not validate."""
+        """Re-read the config file and apply it (see the module docstring); False (logged in
+        one line, the running config kept) if there is no file or it does not validate."""
         if self.config_path is None:
             logger.warning("SIGHUP: no config file to reload")
             return False
@@ -260,38 +433,127 @@ class Daemon:
             logger.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
             return False
         old = self.config
-        restart = [
-            name
-            for name, a, b in (
-                ("device_id", old.device_id, new.device_id),
-                ("model", old.model, new.model),
-                ("cameras", old.cameras, new.cameras),
-                ("mqtt", old.mqtt, new.mqtt),
-                ("crops.size", old.crops.size, new.crops.size),
-            )
-            if a != b
-        ]
+        restart = [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
         if restart:
             logger.warning(
-                "SIGHUP: %s changed: not hot-reloadable, restart the daemon to apply",
-                ", ".join(restart),
+                "SIGHUP: %s changed: not applied (it defines the MQTT session): restart the "
+                "daemon to apply it",
+                " and ".join(restart),
             )
-        self.detector.detection = new.detection
-        # The crop size stays: the detector computes every affine for the running size.
-        self._crops = new.crops.model_copy(update={"size": old.crops.size})
+        new = new.model_copy(update={name: getattr(old, name) for name in RESTART_ONLY})
+        self._reload_model(new.model)
+        # Until a new model is swapped in, the running config names the running model.
+        self._apply(new.model_copy(update={"model": old.model}))
+        return True
+
+    def _reload_model(self, wanted: ModelConfig) -> None:
+        loading = self._loading
+        if loading is not None and loading.model == wanted:
+            return  # already on its way
+        if loading is not None:
+            logger.warning(
+                "SIGHUP: the model %s still loading is abandoned for %s",
+                loading.model.model_path,
+                wanted.model_path,
+            )
+            self._loading = None
+        if wanted == self.config.model:
+            return
+        logger.info(
+            "SIGHUP: loading the model %s (the running model %s stays until it is ready)",
+            wanted.model_path,
+            self.engine.name,
+        )
+        self._loading = ModelLoad(wanted)
+
+    def _check_model_load(self) -> None:
+        """Swap in a model a reload loaded, once it is ready (or say why it was not)."""
+        load = self._loading
+        if load is None or not load.done:
+            return
+        self._loading = None
+        took = time.monotonic() - load.started
+        try:
+            engine = load.result()
+            detector = self._make_detector(engine, self.config)
+        except Exception as exc:
+            self._model_load_failures += 1
+            logger.error(
+                "SIGHUP: model not swapped, keeping %s (sha256 %s...): %s",
+                self.engine.name,
+                self.engine.sha256[:12],
+                exc,
+            )
+            return
+        previous = self.engine
+        detector.stats = self.detector.stats
+        self.engine = engine
+        self._stage = _Stage(detector, model_info(engine))
+        self.config = self.config.model_copy(update={"model": load.model})
+        self.publisher.update_info(config_hash=config_hash(self.config))
+        logger.info(
+            "SIGHUP: model %s (sha256 %s..., on %s) loaded and warmed up in %.1f s: swapped in "
+            "for %s (sha256 %s...)",
+            engine.name,
+            engine.sha256[:12],
+            ", ".join(engine.providers),
+            took,
+            previous.name,
+            previous.sha256[:12],
+        )
+
+    def _apply(self, new: DaemonConfig) -> None:
+        """Apply a reloaded config (device id, MQTT and model already settled)."""
+        old = {c.id: c for c in self.config.cameras}
+        wanted = {c.id: c for c in new.cameras}
+        removed = [cid for cid in old if cid not in wanted]
+        added = [cid for cid in wanted if cid not in old]
+        restarted = [
+            cid
+            for cid in wanted
+            if cid in old and _reader_settings(old[cid]) != _reader_settings(wanted[cid])
+        ]
+        for cid in removed + restarted:
+            self._remove_reader(cid)
+        # The detector first: a new camera's first frame finds its proposal settings.
+        stage = self._stage
+        detector = self._make_detector(self.engine, new)
+        detector.stats = stage.detector.stats
+        self._stage = _Stage(detector, stage.model)
+        self._crops = new.crops
         self._stats_interval_s = new.stats_interval_s
+        self.config = new
+        started = self._started and not self.stop_event.is_set()
+        for cid in added + restarted:
+            reader = self._add_reader(wanted[cid])
+            if started:
+                reader.start()
+        order = list(wanted)
+        self.readers = sorted(self.readers, key=lambda r: order.index(r.camera_id))
+        self.publisher.update_info(
+            config_hash=config_hash(new), cameras=tuple(c.id for c in new.cameras)
+        )
+        changes = [
+            f"{label} {', '.join(ids)}"
+            for label, ids in (("added", added), ("removed", removed), ("restarted", restarted))
+            if ids
+        ]
+        for cid in added + restarted:
+            logger.info("SIGHUP: camera %s: %s", cid, redact_url(wanted[cid].source))
+        det, crops = new.detection, new.crops
         logger.info(
             "SIGHUP: applied detection (score >= %g, NMS IoU %g, max %d), crops "
-            "(%s, quality %d, <= %d bytes), stats every %g s",
-            new.detection.score_threshold,
-            new.detection.nms_iou,
-            new.detection.max_per_frame,
-            "on" if new.crops.enabled else "off",
-            new.crops.jpeg_quality,
-            new.crops.max_payload_bytes,
+            "(%s, %d px, quality %d, <= %d bytes), stats every %g s; cameras: %s",
+            det.score_threshold,
+            det.nms_iou,
+            det.max_per_frame,
+            "on" if crops.enabled else "off",
+            crops.size,
+            crops.jpeg_quality,
+            crops.max_payload_bytes,
             new.stats_interval_s,
+            "; ".join(changes) if changes else "unchanged",
         )
-        return True
 
     # ------------------------------------------------------------ the detector stage
 
@@ -313,19 +575,22 @@ class Daemon:
                         break
                     self._wakeup.wait(0.2)
                     continue
+                stage = self._stage  # one detector per batch, whatever a reload does
                 try:
-                    results = self.detector.detect(frames)
+                    results = stage.detector.detect(frames)
                 except Exception:
                     # A runtime fault (ONNX Runtime error) is logged, counted and survived.
                     with self._lock:
                         self._stage_errors += 1
                     logger.exception("detector failed on a batch of %d frame(s)", len(frames))
                     continue
+                crop_size = stage.detector.crop_size
                 for result, frame in zip(results, frames, strict=True):
                     self._detect_ms.add(result.detect_ms)
                     with self._lock:
-                        self._processed[result.camera_id] += 1
-                    self._enqueue(_Work(result, frame))
+                        cid = result.camera_id
+                        self._processed[cid] = self._processed.get(cid, 0) + 1
+                    self._enqueue(_Work(result, frame, stage.model, crop_size))
         finally:
             self._put_end()
 
@@ -364,7 +629,7 @@ class Daemon:
             return None
         out: list[EncodedCrop | None] = []
         for det in work.result.detections:
-            crop = canonical_crop(work.frame.image, det.affine, self.detector.crop_size)
+            crop = canonical_crop(work.frame.image, det.affine, work.crop_size)
             out.append(encode_jpeg(crop, cfg.jpeg_quality, cfg.max_payload_bytes))
         return out
 
@@ -377,6 +642,9 @@ class Daemon:
             # After a stop request, what is queued gets a short wait for room, not the full one.
             timeout = 0.2 if self.stop_event.is_set() else None
             try:
+                if item.model != self.publisher.info.model:
+                    # The first result of a swapped-in model: 'online' names it first.
+                    self.publisher.update_info(model=item.model)
                 published = self.publisher.publish_result(
                     item.result, self._crops_of(item), timeout=timeout
                 )
@@ -435,12 +703,15 @@ class Daemon:
                 "skipped_fps": s.skipped_fps,
                 "read_errors": s.read_errors,
                 "reconnects": s.reconnects,
+                "open_errors": s.open_errors,
                 "stalls": s.stalls,
                 "loops": s.loops,
                 "live": reader.is_live,
+                "failed": s.state == "failed",
             }
         det = self.detector.stats
         drops["detector_frame_errors"] = det.frame_errors
+        drops["model_load_failures"] = self._model_load_failures
         return stats_document(
             device=self.config.device_id,
             epoch=self.publisher.epoch,
@@ -466,7 +737,35 @@ class Daemon:
 
 
 def run_daemon(config_path: str | Path) -> int:
-    """``edge-stn run --config F``: load, check, run until stopped or every camera ended."""
+    """``edge-stn run --config F``: load, check, run until stopped or every camera ended.
+
+    SIGTERM/SIGINT are handled from the start: a stop while the model loads exits 0 at once.
+    """
     cfg = load_config(config_path)
-    daemon = Daemon(cfg, config_path=config_path)
-    return daemon.run()
+    stop, reload = threading.Event(), threading.Event()
+    previous = handle_signals(stop.set, reload.set)
+    try:
+        try:
+            daemon = Daemon(cfg, config_path=config_path, stop_event=stop, reload_event=reload)
+        except StartupInterrupted as exc:
+            logger.info("%s", exc)
+            code = 0
+        else:
+            code = daemon.run(install_signals=False)
+    finally:
+        restore_signals(previous)
+    _exit_if_abandoned(code)
+    return code
+
+
+def _exit_if_abandoned(code: int) -> None:
+    """Exit at once when a model load is still running: ONNX Runtime aborts the process if the
+    interpreter shuts down while one of its threads is building a session."""
+    if not any(t.name == LOADER_THREAD and t.is_alive() for t in threading.enumerate()):
+        return
+    logger.info("a model load still in progress is abandoned")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

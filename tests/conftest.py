@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from smoke import SMOKE_STEPS_PER_EPOCH, SmokeRun, smoke_config_dict
 
-pytest_plugins = ["mqtt_broker"]  # the real mosquitto fixtures (DESIGN §8)
+pytest_plugins = ["mqtt_broker", "rtsp_server"]  # real mosquitto and RTSP servers (DESIGN §8)
 
 
 @pytest.fixture(scope="session")

@@ -151,12 +151,14 @@ def test_sighup_reload_applies_thresholds_and_names_the_rest(
         "synthetic",
         detection={"score_threshold": 0.8},
         crops={"size": 96, "jpeg_quality": 70},
+        device_id="gw2",
     )
     with caplog.at_level(logging.INFO, logger="edge_stn.daemon"):
         assert daemon.reload()
     assert daemon.detector.detection.score_threshold == 0.8
-    assert daemon.detector.crop_size == 64
-    assert "crops.size changed: not hot-reloadable" in caplog.text
+    assert daemon.detector.crop_size == 96  # crops apply live, their size included
+    assert "device_id changed: not applied" in caplog.text
+    assert daemon.config.device_id == DEVICE
     cfg_path.write_text("device_id: gw1\ncameras: [{id: cam0, sourze: synthetic}]\n")
     assert not daemon.reload()
     assert daemon.detector.detection.score_threshold == 0.8

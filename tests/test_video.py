@@ -44,7 +44,8 @@ from edge_stn.video import (
     make_reader,
     make_source,
 )
-from edge_stn.video.opencv import FFMPEG_OPTIONS_ENV, ffmpeg_options
+from edge_stn.video.factory import file_camera_problems
+from edge_stn.video.opencv import FFMPEG_OPTIONS_ENV, _CaptureOptions, ffmpeg_options
 from edge_stn.video.synthetic import load_digit_asset
 
 W, H = 64, 48
@@ -152,17 +153,28 @@ def test_file_loop_restarts_frame_index(tmp_path: Path, stop: threading.Event):
 
 def test_missing_or_unreadable_file_is_a_clear_source_error(tmp_path: Path, stop: threading.Event):
     missing = tmp_path / "nope.mp4"
+    source = make_source(CameraConfig(id="cam1", source=str(missing)))  # checked at open
     with pytest.raises(SourceError, match=r"nope\.mp4: camera cam1: no such video file"):
-        make_source(CameraConfig(id="cam1", source=str(missing)))
+        source.open()
     junk = tmp_path / "junk.mp4"
     junk.write_text("not a video\n")
     with pytest.raises(SourceError, match="OpenCV cannot read this video"):
         FileSource("cam0", junk).open()
-    # In a reader the failure ends the camera; nothing escapes the thread.
-    reader = file_reader(junk, stop)
-    reader.start()
-    assert reader.join(2.0)
-    assert reader.stats().state == "failed" and reader.finished
+    good = write_video(tmp_path / "v.mp4", 2)
+    cameras = [
+        CameraConfig(id=name, source=str(path))
+        for name, path in (("a", missing), ("b", junk), ("c", good), ("d", tmp_path))
+    ]
+    problems = file_camera_problems([*cameras, CameraConfig(id="live", source="synthetic")])
+    assert sorted(problems) == ["a", "b", "d"]
+    assert "no such video file" in str(problems["a"]) and "not a file" in str(problems["d"])
+    # In a reader the failure ends the camera, counted; nothing escapes the thread.
+    for path in (junk, missing):
+        reader = file_reader(path, stop)
+        reader.start()
+        assert reader.join(2.0)
+        s = reader.stats()
+        assert (s.state, s.open_errors, s.frames) == ("failed", 1, 0) and reader.finished
 
 
 def test_corrupt_frames_mid_file_are_counted_and_survived(tmp_path: Path, stop: threading.Event):
@@ -238,6 +250,17 @@ def test_unreachable_stream_is_retried_with_backoff(stop: threading.Event):
     assert reader.stats().state == "stopped" and reader.finished
     # The transport goes through a process-wide variable, set only while opening.
     assert os.environ.get(FFMPEG_OPTIONS_ENV) == options_before
+
+
+def test_missing_usb_camera_is_counted_and_retried(stop: threading.Event):
+    index = next(i for i in range(63, 0, -1) if not Path(f"/dev/video{i}").exists())
+    reader = make_reader(CameraConfig(id="usb9", source=index), stop, backoff=fast_backoff())
+    reader.start()
+    assert wait_for(lambda: reader.stats().open_errors >= 3)
+    s = reader.stats()
+    assert s.frames == 0 and s.reconnects >= 2 and reader.is_alive() and not reader.finished
+    stop.set()
+    assert reader.join(1.0)
 
 
 class MjpegCamera:
@@ -544,6 +567,33 @@ def test_ffmpeg_options_keep_the_operators_own():
     assert ffmpeg_options("tcp", None) == "rtsp_transport;tcp"
     assert ffmpeg_options("udp", "stimeout;5000000") == "stimeout;5000000|rtsp_transport;udp"
     assert ffmpeg_options("tcp", "rtsp_transport;udp") == "rtsp_transport;udp"
+
+
+def test_capture_options_are_shared_by_one_transport_and_taken_in_turns_by_two(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setenv(FFMPEG_OPTIONS_ENV, "stimeout;5000000")
+    options = _CaptureOptions()
+    seen: list[str] = []
+    with options.hold("tcp"), options.hold("tcp"):  # the same options: no waiting
+        seen.append(os.environ[FFMPEG_OPTIONS_ENV])
+        udp_in = threading.Event()
+        udp_out = threading.Event()
+
+        def open_udp() -> None:
+            with options.hold("udp"):
+                seen.append(os.environ[FFMPEG_OPTIONS_ENV])
+                udp_in.set()
+                udp_out.wait(5)
+
+        udp = threading.Thread(target=open_udp)
+        udp.start()
+        assert not udp_in.wait(0.2)  # another transport waits for the tcp opens to end
+    assert udp_in.wait(5)
+    udp_out.set()
+    udp.join(5)
+    assert seen == ["stimeout;5000000|rtsp_transport;tcp", "stimeout;5000000|rtsp_transport;udp"]
+    assert os.environ[FFMPEG_OPTIONS_ENV] == "stimeout;5000000"  # the operator's, restored
 
 
 def test_live_source_read_before_open_is_a_frame_read_error():

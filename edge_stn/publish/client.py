@@ -362,6 +362,19 @@ class MqttPublisher:
         self._client.connect_async(self.config.host, self.config.port, self.config.keepalive)
         self._client.loop_start()
 
+    def update_info(self, **changes: Any) -> None:
+        """Change what the ``online`` document says (``model`` after a model swap,
+        ``config_hash`` and ``cameras`` after a reload); results published from now on name
+        the new ``model``. Published again at once (retained) when connected, else at the next
+        connect. Thread-safe."""
+        with self._lock:
+            self.info = replace(self.info, **changes)
+            info = self.info
+            online = self._connected.is_set() and not self._stopping and not self._stopped
+        if online:
+            doc = encode(status_online(info, self._clock()))
+            self._hand("status", self.topics.status, doc, True, self._json_props(), "online")
+
     def wait_connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for an accepted connection."""
         return self._connected.wait(timeout)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from edge_stn.config import CameraConfig
+from edge_stn.errors import SourceError
 from edge_stn.video.base import FrameSource
-from edge_stn.video.file import FileSource, check_video_file
+from edge_stn.video.file import FileSource
 from edge_stn.video.opencv import LiveSource
 from edge_stn.video.pacing import Backoff
 from edge_stn.video.reader import CameraReader
@@ -15,16 +17,14 @@ from edge_stn.video.synthetic import DEFAULT_FPS, SyntheticCamera
 
 
 def make_source(camera: CameraConfig) -> FrameSource:
-    """The (unopened) source a camera names. A video file that does not exist is a
-    :class:`~edge_stn.errors.SourceError` now, so a daemon refuses such a config at start-up."""
+    """The (unopened) source a camera names. Nothing is checked here: a video file that does
+    not exist fails at ``open()`` (see :func:`file_camera_problems` for a check at start-up)."""
     kind = camera.kind
     if kind == "synthetic":
         # The synthetic camera produces frames at its own rate: `fps` sets that rate.
         return SyntheticCamera(camera.id, fps=camera.fps or DEFAULT_FPS)
     if kind == "file":
-        path = Path(str(camera.source))
-        check_video_file(camera.id, path)
-        return FileSource(camera.id, path)
+        return FileSource(camera.id, Path(str(camera.source)))
     return LiveSource(
         camera.id,
         camera.source,
@@ -32,6 +32,24 @@ def make_source(camera: CameraConfig) -> FrameSource:
         read_timeout_s=camera.read_timeout_s,
         rtsp_transport=camera.rtsp_transport,
     )
+
+
+def file_camera_problems(cameras: Iterable[CameraConfig]) -> dict[str, SourceError]:
+    """Open and close every file camera once: why each one that fails cannot be read (no such
+    file, not a file, not a video OpenCV can read), by camera id. Live sources are not tried:
+    they may come up later, and their readers retry."""
+    problems: dict[str, SourceError] = {}
+    for camera in cameras:
+        if camera.kind != "file":
+            continue
+        source = FileSource(camera.id, Path(str(camera.source)))
+        try:
+            source.open()
+        except SourceError as exc:
+            problems[camera.id] = exc
+        finally:
+            source.close()
+    return problems
 
 
 def make_reader(

@@ -6,11 +6,14 @@ are ignored), so a dead stream cannot hold a reader in ``open()`` or ``read()`` 
 
 The RTSP transport has no capture property: FFmpeg takes it from the environment variable
 ``OPENCV_FFMPEG_CAPTURE_OPTIONS`` (``rtsp_transport;tcp``), which OpenCV reads while opening.
-That variable is process-wide, so :func:`open_capture` sets it, opens and restores it under one
-lock: opens of URLs are serialized (one slow ``open`` delays another camera's reconnect by up to
-its open timeout), and anything else in the process that opens FFmpeg captures at the same time
-may see our options. Options the operator put in that variable are kept; an ``rtsp_transport``
-among them wins over the config's.
+That variable is process-wide, so :func:`open_url` holds it (:class:`_CaptureOptions`): opens
+that need the same options run at the same time, the variable is set before the first of them
+and restored after the last; an open that needs other options (another camera's transport)
+waits until those are done. So cameras with one transport never wait for each other (a hung
+camera's open does not delay a good camera's reconnect), and mixed transports take turns.
+Anything else in the process that opens FFmpeg captures meanwhile may see our options. Options
+the operator put in that variable are kept; an ``rtsp_transport`` among them wins over the
+config's.
 
 USB cameras open with ``CAP_ANY`` (V4L2 on Linux, GStreamer on a Jetson's system OpenCV) and no
 params: backends that do not know a param refuse to open.
@@ -18,11 +21,12 @@ params: backends that do not know a param refuse to open.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import cv2
@@ -36,7 +40,46 @@ from edge_stn.video.base import FrameSource
 logger = logging.getLogger(__name__)
 
 FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
-_ENV_LOCK = threading.Lock()
+
+
+class _CaptureOptions:
+    """Shared use of ``OPENCV_FFMPEG_CAPTURE_OPTIONS``: any number of opens with the same value
+    at once, one value at a time; the operator's own value is restored when the last one ends."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._value: str | None = None
+        self._users = 0
+        self._before: str | None = None
+
+    @contextlib.contextmanager
+    def hold(self, transport: str) -> Iterator[None]:
+        with self._cond:
+            while True:
+                if self._users == 0:
+                    self._before = os.environ.get(FFMPEG_OPTIONS_ENV)
+                    self._value = ffmpeg_options(transport, self._before)
+                    os.environ[FFMPEG_OPTIONS_ENV] = self._value
+                    break
+                if self._value == ffmpeg_options(transport, self._before):
+                    break
+                self._cond.wait()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._users -= 1
+                if self._users == 0:
+                    if self._before is None:
+                        os.environ.pop(FFMPEG_OPTIONS_ENV, None)
+                    else:
+                        os.environ[FFMPEG_OPTIONS_ENV] = self._before
+                    self._value = None
+                    self._cond.notify_all()
+
+
+_OPTIONS = _CaptureOptions()
 
 
 class Capture(Protocol):
@@ -86,16 +129,8 @@ def open_url(
     is_rtsp = url.lower().startswith(("rtsp://", "rtsps://"))
     if not is_rtsp:
         return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
-    with _ENV_LOCK:
-        before = os.environ.get(FFMPEG_OPTIONS_ENV)
-        os.environ[FFMPEG_OPTIONS_ENV] = ffmpeg_options(rtsp_transport, before)
-        try:
-            return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
-        finally:
-            if before is None:
-                os.environ.pop(FFMPEG_OPTIONS_ENV, None)
-            else:
-                os.environ[FFMPEG_OPTIONS_ENV] = before
+    with _OPTIONS.hold(rtsp_transport):
+        return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
 
 
 def as_bgr(image: Any) -> np.ndarray | None:

@@ -16,7 +16,9 @@ stage through a bounded :class:`FrameBuffer` (DESIGN §7, STYLE 3 and 5).
   with the next frame, a live source retries and reconnects after a few failures in a row, or
   at once when no frame came for ``stall_s`` (the stall watchdog, ``stalls``). A file that cannot
   be opened fails its camera (state ``failed``); a live source is reopened with capped
-  exponential backoff and jitter (``reconnects``) until the stop event is set.
+  exponential backoff and jitter (``reconnects``) until the stop event is set. Every failed
+  open (the file missing, the stream refused or past its open timeout) counts in
+  ``open_errors``.
 - **Stuck C calls.** OpenCV's open and read timeouts should return every call, but a driver can
   still hang. :meth:`CameraReader.watchdog`, called periodically by whoever owns the readers,
   abandons a thread stuck longer than ``stuck_s`` in ``open()`` or ``read()`` (a thread in a C
@@ -64,8 +66,9 @@ class ReaderStats:
 
     ``frames``: frames read; ``dropped_stale``: live frames replaced before the pipeline took
     them; ``skipped_fps``: live frames skipped to keep to ``fps``; ``read_errors``: failed reads;
-    ``reconnects``: reopen attempts of a live source; ``stalls``: reopens because no frame came
-    for ``stall_s``, or a thread stuck in a call; ``loops``: completed passes of a looping file;
+    ``reconnects``: reopen attempts of a live source; ``open_errors``: opens that failed (the
+    first one included); ``stalls``: reopens because no frame came for ``stall_s``, or a thread
+    stuck in a call; ``loops``: completed passes of a looping file;
     ``last_frame_ts``: capture time (Unix s) and ``last_index`` frame index of the last frame.
     """
 
@@ -76,6 +79,7 @@ class ReaderStats:
     skipped_fps: int = 0
     read_errors: int = 0
     reconnects: int = 0
+    open_errors: int = 0
     stalls: int = 0
     loops: int = 0
     last_frame_ts: float | None = None
@@ -345,6 +349,7 @@ class CameraReader:
         try:
             source.open()
         except SourceError as exc:
+            self._add("open_errors")
             if self.is_live:
                 logger.log(_log_attempt(attempt + 1), "%s (attempt %d)", exc, attempt + 1)
             else:
