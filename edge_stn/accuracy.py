@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from edge_stn.detect.nms import box_iou
 
@@ -52,25 +53,67 @@ class Accuracy:
         )
 
 
-def match_frame(
-    detections: Sequence[tuple[str, Box]], truth: Sequence[tuple[str, Box]]
-) -> tuple[int, int]:
-    """(matched, correctly labelled) of one frame: ``(label, box)`` pairs on both sides."""
+def match_pairs(detections: Sequence[Box], truth: Sequence[Box]) -> list[tuple[int, int]]:
+    """One-to-one ``(detection, truth)`` index pairs at IoU >= 0.5, best pairs first (greedy)."""
     if not detections or not truth:
-        return 0, 0
-    iou = box_iou([b for _, b in detections], [b for _, b in truth])
-    matched = correct = 0
+        return []
+    iou = box_iou(list(detections), list(truth))
+    pairs = []
     for flat in np.argsort(-iou, axis=None):
         i, j = np.unravel_index(flat, iou.shape)
         if iou[i, j] < MATCH_IOU:
             break
         if np.isnan(iou[i, j]):
             continue
-        matched += 1
-        correct += detections[i][0] == truth[j][0]
+        pairs.append((int(i), int(j)))
         iou[i, :] = -1.0
         iou[:, j] = -1.0
-    return matched, correct
+    return pairs
+
+
+def match_frame(
+    detections: Sequence[tuple[str, Box]], truth: Sequence[tuple[str, Box]]
+) -> tuple[int, int]:
+    """(matched, correctly labelled) of one frame: ``(label, box)`` pairs on both sides."""
+    pairs = match_pairs([b for _, b in detections], [b for _, b in truth])
+    return len(pairs), sum(detections[i][0] == truth[j][0] for i, j in pairs)
+
+
+def crop_rotation(affine: npt.ArrayLike) -> float:
+    """Rotation (degrees, counter-clockwise on screen) of a canonical crop in its frame: the
+    direction of the crop's x axis under ``affine`` (crop pixel -> frame pixel, DESIGN §4). A
+    digit drawn at angle ``a`` looks upright in a crop whose rotation is ``a``."""
+    a = np.asarray(affine, dtype=np.float64)
+    return float(np.degrees(np.arctan2(-a[1, 0], a[0, 0])))
+
+
+@dataclass(frozen=True)
+class RotationError:
+    """How far canonical crops are from upright: ``offset`` is the model's mean canonical angle
+    (crop rotation minus the object's), ``median``/``p90`` the absolute residuals after removing
+    it, over ``n`` matched objects."""
+
+    n: int
+    offset: float
+    median: float
+    p90: float
+
+    def line(self) -> str:
+        return (
+            f"rotation residual median {self.median:.1f} deg, p90 {self.p90:.1f} deg "
+            f"(mean canonical angle {self.offset:+.1f} deg removed) over {self.n} objects"
+        )
+
+
+def rotation_error(crop_angles: Sequence[float], truth_angles: Sequence[float]) -> RotationError:
+    """Residual rotation of matched canonical crops against the truth (angles in degrees)."""
+    d = np.asarray(crop_angles, dtype=np.float64) - np.asarray(truth_angles, dtype=np.float64)
+    if d.size == 0:
+        return RotationError(0, 0.0, float("nan"), float("nan"))
+    d = (d + 180.0) % 360.0 - 180.0
+    offset = float(np.degrees(np.angle(np.mean(np.exp(1j * np.radians(d))))))
+    r = np.abs((d - offset + 180.0) % 360.0 - 180.0)
+    return RotationError(int(d.size), offset, float(np.median(r)), float(np.percentile(r, 90)))
 
 
 def score(
