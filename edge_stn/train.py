@@ -123,10 +123,14 @@ def random_thetas(
 
 
 def consistency_loss(
-    model: STCNN, x: torch.Tensor, canonical: torch.Tensor, generator: torch.Generator
+    model: STCNN,
+    x: torch.Tensor,
+    canonical: torch.Tensor,
+    generator: torch.Generator,
+    angle: float = 20.0,
 ) -> torch.Tensor:
     """The canonical crop of x and of a re-transformed x should agree (pose invariance)."""
-    thetas = random_thetas(x.shape[0], generator).to(x.device)
+    thetas = random_thetas(x.shape[0], generator, angle=angle).to(x.device)
     # Re-transform at the input's own size (the transformer's warp would give its output size).
     grid = F.affine_grid(thetas, list(x.shape), align_corners=False)
     x2 = F.grid_sample(
@@ -137,7 +141,12 @@ def consistency_loss(
 
 
 def _epoch_samples(sources: DataSources, cfg: TrainConfig, epoch: int, d: Dist) -> Samples:
-    full = draw_passes(sources.train, cfg.data.passes_per_epoch, seed=cfg.seed * 100_003 + epoch)
+    full = draw_passes(
+        sources.train,
+        cfg.data.passes_per_epoch,
+        seed=cfg.seed * 100_003 + epoch,
+        workers=cfg.data.workers,
+    )
     per_rank = len(full) // d.world
     sl = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
     return Samples(full.images[sl], full.labels[sl])
@@ -260,7 +269,7 @@ def train(
             loss = F.cross_entropy(outp.logits, y, label_smoothing=cfg.optim.label_smoothing)
             if cfg.optim.consistency_weight > 0 and isinstance(model, STCNN):
                 loss = loss + cfg.optim.consistency_weight * consistency_loss(
-                    model, x, outp.canonical, gen
+                    model, x, outp.canonical, gen, cfg.optim.consistency_angle
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -34,6 +34,12 @@ class DataConfig(Strict):
         2, ge=1, description="fresh distortions of every training item per epoch"
     )
     eval_passes: int = Field(10, ge=1, description="distortions per test item when scoring")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="processes that draw each epoch's training samples (0: in the trainer's own; "
+        "a different count draws other, equally random samples)",
+    )
     folder: FolderData | None = None
     windows: dict[str, Any] | None = Field(
         None, description="options of the detection-window data set"
@@ -61,6 +67,12 @@ class OptimConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     consistency_weight: float = Field(
         0.0, ge=0.0, description="transformation-consistency loss weight (ST-CNN only)"
+    )
+    consistency_angle: float = Field(
+        20.0,
+        ge=0.0,
+        le=180.0,
+        description="the consistency loss re-rotates inputs within +/- this many degrees",
     )
 
 

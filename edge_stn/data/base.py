@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,10 +45,35 @@ class SampleSource(Protocol):
         ...
 
 
-def draw_passes(source: SampleSource, passes: int, seed: int, *, shuffle: bool = True) -> Samples:
-    """Every source item ``passes`` times, each with its own distortion, deterministic by seed."""
+def draw_passes(
+    source: SampleSource, passes: int, seed: int, *, shuffle: bool = True, workers: int = 0
+) -> Samples:
+    """Every source item ``passes`` times, each with its own distortion, deterministic by seed
+    (and by ``workers``: with ``workers > 1`` the items are drawn in that many forked processes,
+    chunk ``k`` with the random stream ``(seed, k)``)."""
     rng = np.random.default_rng(seed)
     items = np.tile(np.arange(source.num_items(), dtype=np.int64), passes)
     if shuffle:
         rng.shuffle(items)
-    return source.draw(items, rng)
+    if workers <= 1:
+        return source.draw(items, rng)
+    chunks = np.array_split(items, workers)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers, initializer=_set_worker_source, initargs=(source,)) as pool:
+        parts = pool.starmap(_draw_chunk, [(c, seed, k) for k, c in enumerate(chunks)])
+    return Samples(
+        np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])
+    )
+
+
+_worker_source: SampleSource | None = None
+
+
+def _set_worker_source(source: SampleSource) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def _draw_chunk(items: npt.NDArray[np.int64], seed: int, k: int) -> Samples:
+    assert _worker_source is not None
+    return _worker_source.draw(items, np.random.default_rng([seed, k]))
