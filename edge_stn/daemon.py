@@ -72,6 +72,8 @@ class _Work:
 
     result: FrameResult
     frame: Frame
+    last: bool = True
+    """the last result of its detector batch: the outbox commits the batch with it"""
 
 
 _END = object()
@@ -321,11 +323,11 @@ class Daemon:
                         self._stage_errors += 1
                     logger.exception("detector failed on a batch of %d frame(s)", len(frames))
                     continue
-                for result, frame in zip(results, frames, strict=True):
+                for i, (result, frame) in enumerate(zip(results, frames, strict=True)):
                     self._detect_ms.add(result.detect_ms)
                     with self._lock:
                         self._processed[result.camera_id] += 1
-                    self._enqueue(_Work(result, frame))
+                    self._enqueue(_Work(result, frame, last=i == len(results) - 1))
         finally:
             self._put_end()
 
@@ -378,7 +380,7 @@ class Daemon:
             timeout = 0.2 if self.stop_event.is_set() else None
             try:
                 published = self.publisher.publish_result(
-                    item.result, self._crops_of(item), timeout=timeout
+                    item.result, self._crops_of(item), timeout=timeout, flush=item.last
                 )
             except Exception:
                 with self._lock:
@@ -451,6 +453,7 @@ class Daemon:
             latency_ms={
                 "detect_ms": self._detect_ms.drain(),
                 "publish_ms": self._publish_ms.drain(),
+                **self.publisher.latency_samples(),  # commit_ms, outbox_ms
             },
             mqtt=self.publisher.counters().to_dict(),
             drops=drops,

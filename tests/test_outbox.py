@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_stn.cli import main
 from edge_stn.publish.outbox import (
     CODE_DISCONNECTS,
     NewCrop,
@@ -106,6 +107,26 @@ def test_two_users_of_one_outbox_are_refused(tmp_path: Path) -> None:
         assert proc.returncode == 2 and "in use by another edge-stn process" in proc.stdout
     with Outbox(path):  # released on close
         pass
+
+
+def test_a_second_daemon_on_the_same_outbox_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ob.sqlite"
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "device_id": "gw1",
+                "cameras": [{"id": "cam0", "source": "synthetic"}],
+                "outbox": {"path": str(path)},
+            }
+        )
+    )
+    with Outbox(path):
+        assert main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outbox.path" in err[0] and "in use" in err[0], err
 
 
 def _garbage(path: Path) -> None:
