@@ -123,7 +123,6 @@ class Mosquitto:
         )
         lines += [
             f"user {getpass.getuser()}",  # as root, mosquitto would drop to 'mosquitto'
-            "log_dest stdout",
             "log_type all",
             *extra,
         ]
