@@ -605,7 +605,7 @@ class OutboxConfig(Section):
     )
     max_bytes: Annotated[int, BeforeValidator(_byte_size)] = Field(
         256 * 1024**2,
-        ge=1024**2,
+        ge=512 * 1024,
         description="disk budget of the database and its -wal, e.g. 268435456 or '256MiB'; "
         "when full, crops are shed first, then the oldest results (counted in stats)",
     )
