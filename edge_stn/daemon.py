@@ -269,6 +269,7 @@ class Daemon:
                 ("model", old.model, new.model),
                 ("cameras", old.cameras, new.cameras),
                 ("mqtt", old.mqtt, new.mqtt),
+                ("outbox", old.outbox, new.outbox),
                 ("crops.size", old.crops.size, new.crops.size),
             )
             if a != b

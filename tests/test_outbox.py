@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from edge_stn.cli import main
+from edge_stn.config import check_config, parse_config
+from edge_stn.errors import ConfigError
 from edge_stn.publish.outbox import (
     CODE_DISCONNECTS,
     NewCrop,
@@ -295,3 +297,36 @@ def test_what_was_committed_survives_a_crash_of_the_writer(tmp_path: Path) -> No
         assert ob.epoch == proc.stdout.strip()
         assert ob.next_seq() == {"cam0": 25}
         assert [m.seq for m in ob.read(0, 100)] == list(range(25))
+
+
+def test_outbox_config_defaults_sizes_and_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = {"device_id": "gw1", "cameras": [{"id": "cam0", "source": "synthetic"}]}
+    cfg = parse_config(base)
+    # the tests' state dir (conftest): the default outbox is there, named by the device
+    assert cfg.outbox.resolved_path("gw1") == Path(os.environ["EDGE_STN_STATE_DIR"]) / (
+        "outbox-gw1.sqlite"
+    )
+    assert cfg.outbox.max_bytes == 256 * 1024**2 and cfg.outbox.synchronous == "full"
+    assert not [w for w in check_config(cfg) if w.startswith("outbox")]
+    sized = parse_config({**base, "outbox": {"max_bytes": "2MiB", "synchronous": "normal"}})
+    assert sized.outbox.max_bytes == 2 * 1024**2
+    assert any(w.startswith("outbox.synchronous: normal") for w in check_config(sized))
+    off = parse_config({**base, "outbox": {"enabled": False}})
+    assert off.outbox.resolved_path("gw1") is None
+    assert any(w.startswith("outbox.enabled: false") for w in check_config(off))
+    for bad, needle in (
+        ({"max_bytes": "lots"}, "outbox.max_bytes"),
+        ({"max_bytes": 1000}, "outbox.max_bytes"),
+        ({"synchronus": "full"}, "outbox.synchronus"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            parse_config({**base, "outbox": bad})
+    v311 = tmp_path / "v311.yaml"
+    v311.write_text(json.dumps({**base, "mqtt": {"protocol": "3.1.1"}}))
+    assert main(["config", "check", str(v311)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "warning: mqtt.protocol: MQTT 3.1.1 cannot tell the daemon that the broker refused" in out
+    )

@@ -294,6 +294,7 @@ class MqttPublisher:
         self._next_row = 0
         """the next row to hand to paho: rows below it are in paho's hands or gone."""
         self._last_row = 0
+        self._hand_paused_until = 0.0
         self._broker_max_packet: int | None = None
         # the outbox as the sender last saw it
         self._outbox_rows = self.outbox.rows
@@ -759,6 +760,7 @@ class MqttPublisher:
                 self._connected.is_set()
                 and self._rows_inflight < self.limits.max_inflight
                 and self._next_row <= self._last_row
+                and now >= self._hand_paused_until
             )
             or now >= next_maintenance
         )
@@ -775,6 +777,8 @@ class MqttPublisher:
                     wake_at = next_maintenance
                     if self._flush_due is not None:
                         wake_at = min(wake_at, self._flush_due)
+                    if self._hand_paused_until > now:
+                        wake_at = min(wake_at, self._hand_paused_until)
                     if backoff_until > now:
                         wake_at = max(backoff_until, min(wake_at, next_maintenance))
                     self._wake.wait(max(0.001, wake_at - now))
@@ -798,9 +802,8 @@ class MqttPublisher:
             if busy and not self._write(waiting, settled, strikes, refusals):
                 backoff_until = time.monotonic() + 1.0
                 continue
-            if maintenance:
+            if maintenance:  # the write above applied the age policy and took the state
                 next_maintenance = time.monotonic() + MAINTENANCE_S
-                self._refresh_state()
             if renew:
                 self._renew_client()
             if not stopping:
@@ -842,7 +845,9 @@ class MqttPublisher:
         if report.commit_ms is not None:
             self.commit_ms.add(report.commit_ms)
         last_row = self.outbox.last_row()
+        state = self.outbox.state()
         with self._wake:
+            self._outbox_state = state
             self._write_error = None
             for w in waiting:
                 self._waiting_bytes -= w.result.size
@@ -924,6 +929,10 @@ class MqttPublisher:
                         self._next_row = msg.row + 1
                     continue
                 if not self._hand_row(msg, props):
+                    # paho would not take it now (its queue, a message id still in use): try
+                    # again shortly rather than spin
+                    with self._lock:
+                        self._hand_paused_until = time.monotonic() + 0.2
                     return
                 if msg.kind == "result":
                     self.outbox_ms.add(max(0.0, (self._clock() - msg.created) * 1000.0))
@@ -1229,13 +1238,12 @@ class MqttPublisher:
     def counters(self) -> PublisherCounters:
         with self._lock:
             state = self._outbox_state
-            outbox = {**state.to_dict(), "epoch": state.epoch}
-            outbox.update(
-                rows=self._outbox_rows,
-                waiting=len(self._waiting),
-                live_bytes=self._outbox_live,
-                write_error=self._write_error,
-            )
+            outbox = {
+                "epoch": state.epoch,
+                **state.to_dict(),
+                "waiting": len(self._waiting),
+                "write_error": self._write_error,
+            }
             return PublisherCounters(
                 connected=self._connected.is_set(),
                 connects=self._connects,
