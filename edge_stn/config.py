@@ -595,7 +595,8 @@ class OutboxConfig(Section):
     enabled: bool = Field(
         True,
         description="keep results on disk until the broker acknowledges them; false: in memory "
-        "only (a restart or crash loses what the broker has not acknowledged)",
+        "only, within max_bytes of RAM (a restart or crash loses what the broker has not "
+        "acknowledged)",
     )
     path: ConfigPath | None = Field(
         None,

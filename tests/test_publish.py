@@ -558,8 +558,10 @@ def test_full_outbox_sheds_crops_first_then_the_oldest_results(
     n = 400
     out = []
     for i in range(n):
-        out.append(pub.publish_result(frame_result(index=i, n=2), [noise_crop(3000, i)] * 2))
-        if i % 20 == 19:  # let the sender commit, as a detector's pace would
+        crops = [noise_crop(3000, i)] * 2
+        # batches of 20, as a detector's would be: one commit each
+        out.append(pub.publish_result(frame_result(index=i, n=2), crops, flush=i % 20 == 19))
+        if i % 20 == 19:
             assert wait_until(lambda: pub.counters().results.queued == len(out), 10)
     published = [p for p in out if p is not None]
     assert [p.seq for p in published] == list(range(n)), "every result got its seq"
@@ -581,8 +583,9 @@ def test_full_outbox_sheds_crops_first_then_the_oldest_results(
     assert c.results.shed == totals["results_shed"] == n - len(kept)
     stored_crops = {m.topic for m in left if m.kind == "crop"}
     assert c.crops.shed == statuses.count("shed") + c.crops.queued - len(stored_crops)
+    validator = jsonschema.Draft202012Validator(payloads.load_schema("result"))
     for doc in kept:  # a crop that was shed left crop: null in its result
-        validate("result", doc)
+        validator.validate(doc)
         for det in doc["detections"]:
             sent = det["crop_status"] == "sent"
             assert sent == (det["crop"] is not None)

@@ -251,3 +251,19 @@ def test_a_shared_subscription_splits_the_stream_across_its_members(mosquitto: M
     assert all(seqs), "each member got a part"
     assert sorted(seqs[0] + seqs[1]) == list(range(40)), "together: all, once"
     assert all("gap" not in m.err.getvalue() for m in members)  # type: ignore[attr-defined]
+
+
+def test_a_refused_connection_is_one_clear_line_and_exit_2(
+    mosquitto_factory: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broker = mosquitto_factory(users={"ops": "right"}).start()
+    monkeypatch.setenv("EDGE_STN_MQTT_PASSWORD", "wrong")
+    args = ["subscribe", "--host", broker.host, "--port", str(broker.port), "--username", "ops"]
+    assert main([*args, "--seconds", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"edge-stn: error: broker {broker.host}:{broker.port} refused the connection: "
+        "Not authorized"
+    )
+    monkeypatch.setenv("EDGE_STN_MQTT_PASSWORD", "right")
+    assert main([*args, "--seconds", "0.5"]) == 0
