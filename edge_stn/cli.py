@@ -204,6 +204,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds, out=Path(args.out))
 
 
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    import os
+
+    from edge_stn.subscriber import SubscribeOptions, options_from_config, run_subscribe
+
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise UsageError(f"--port: expected 1-65535, got {args.port}")
+    password = os.environ.get(args.password_env) if args.password_env else None
+    given = {
+        "host": args.host,
+        "port": args.port,
+        "protocol": args.protocol,
+        "prefix": args.prefix,
+        "username": args.username,
+        "password": password,
+        "tls_ca": Path(args.tls_ca) if args.tls_ca else None,
+        "devices": tuple(args.device),
+        "cameras": tuple(args.camera),
+        "labels": tuple(args.label),
+        "json_lines": args.json,
+        "crops_dir": Path(args.crops) if args.crops else None,
+        "share": args.share,
+        "session": args.session,
+        "session_expiry_s": args.session_expiry,
+        "count": args.count,
+        "seconds": args.seconds,
+    }
+    if args.config:
+        opts = options_from_config(Path(args.config), **given)
+    else:
+        opts = SubscribeOptions(**{k: v for k, v in given.items() if v is not None})
+    if opts.share and not opts.v5:
+        raise UsageError("--share needs MQTT v5 (--protocol v5)")
+    return run_subscribe(opts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edge-stn", description="Spatial Transformer Networks at the edge")
     p.add_argument("--version", action="version", version=f"edge-stn {__version__}")
@@ -310,6 +346,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", default="demo-out", help="folder for received crops (default demo-out)")
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser(
+        "subscribe",
+        help="consume results: a live table or JSON lines, crops to a folder, loss and "
+        "duplicate checks, shared subscriptions, persistent sessions",
+    )
+    s.add_argument("--host", help="broker host (default localhost)")
+    s.add_argument("--port", type=int, help="broker port (default 1883)")
+    s.add_argument("--protocol", choices=["v5", "v311"], help="MQTT version (default v5)")
+    s.add_argument("--prefix", help="topic prefix (default edge-stn)")
+    s.add_argument(
+        "--config", help="take broker, protocol, prefix, credentials and TLS from a daemon config"
+    )
+    s.add_argument("--device", action="append", default=[], help="only this device (repeatable)")
+    s.add_argument("--camera", action="append", default=[], help="only this camera (repeatable)")
+    s.add_argument(
+        "--label", action="append", default=[], help="only results with this label (repeatable)"
+    )
+    s.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    s.add_argument("--crops", metavar="DIR", help="save crops here: <time>_<label>_<id>_<n>.jpg")
+    s.add_argument("--share", metavar="GROUP", help="join an MQTT v5 shared subscription group")
+    s.add_argument(
+        "--session",
+        metavar="NAME",
+        help="persistent session (client id NAME): the broker keeps results while away",
+    )
+    s.add_argument(
+        "--session-expiry",
+        type=_positive_int,
+        default=86_400,
+        metavar="S",
+        help="seconds the broker keeps the session after a disconnect (default 86400)",
+    )
+    s.add_argument("--username", help="broker user name")
+    s.add_argument(
+        "--password-env",
+        default="EDGE_STN_MQTT_PASSWORD",
+        metavar="VAR",
+        help="environment variable holding the password (default EDGE_STN_MQTT_PASSWORD)",
+    )
+    s.add_argument("--tls-ca", metavar="FILE", help="CA file: connect with TLS")
+    s.add_argument("--count", type=_positive_int, help="stop after this many unique results")
+    s.add_argument("--seconds", type=_positive_float, help="stop after this many seconds")
+    s.set_defaults(func=cmd_subscribe)
 
     c = sub.add_parser("config", help="daemon config files")
     csub = c.add_subparsers(

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import typing
 from collections.abc import Mapping
@@ -560,6 +561,13 @@ class MqttConfig(Section):
         None, description="broker password: write ${VARIABLE} and set it in the environment"
     )
     tls: TlsConfig | None = Field(None, description="TLS to the broker (absent: plain TCP)")
+    max_payload_bytes: int = Field(
+        131072,
+        ge=1024,
+        le=268435455,
+        description="largest payload sent; a bigger result or crop is dead-lettered (code 0x95) "
+        "instead of queued, as is one over the broker's Maximum Packet Size (MQTT v5)",
+    )
 
     @model_validator(mode="after")
     def _password_needs_user(self) -> MqttConfig:
@@ -570,6 +578,82 @@ class MqttConfig(Section):
     @property
     def broker(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+# ---------------------------------------------------------------- the outbox
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2}
+_BYTE_UNITS.update({"mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3})
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def _byte_size(value: Any) -> Any:
+    """``268435456``, ``"256MiB"``, ``"1 GB"`` -> bytes."""
+    if isinstance(value, str):
+        m = _BYTES.match(value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _BYTE_UNITS:
+            raise ValueError(f"expected a size such as 268435456, '256MiB' or '1GB', got {value!r}")
+        return int(float(m.group(1)) * _BYTE_UNITS[unit])
+    return value
+
+
+def default_state_dir() -> Path:
+    """Where the daemon keeps its state (the outbox): ``$EDGE_STN_STATE_DIR``, else systemd's
+    ``$STATE_DIRECTORY`` (``StateDirectory=``), else ``$XDG_STATE_HOME/edge-stn``
+    (``~/.local/state/edge-stn``)."""
+    for var in ("EDGE_STN_STATE_DIR", "STATE_DIRECTORY"):
+        value = os.environ.get(var)
+        if value:
+            return Path(value.split(":")[0]).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state") / "edge-stn"
+
+
+class OutboxConfig(Section):
+    enabled: bool = Field(
+        True,
+        description="keep results on disk until the broker acknowledges them; false: in memory "
+        "only, within max_bytes of RAM (a restart or crash loses what the broker has not "
+        "acknowledged)",
+    )
+    path: ConfigPath | None = Field(
+        None,
+        description="the SQLite file (with -wal and -shm beside it); default: "
+        "<state dir>/outbox-<device_id>.sqlite, the state dir being $EDGE_STN_STATE_DIR, "
+        "systemd's $STATE_DIRECTORY or ~/.local/state/edge-stn. One daemon per file",
+    )
+    max_bytes: Annotated[int, BeforeValidator(_byte_size)] = Field(
+        256 * 1024**2,
+        ge=512 * 1024,
+        description="disk budget of the database and its -wal, e.g. 268435456 or '256MiB'; "
+        "when full, crops are shed first, then the oldest results (counted in stats)",
+    )
+    max_age_s: float | None = Field(
+        86400.0,
+        gt=0,
+        description="results and crops waiting longer are shed (counted); null: no age limit",
+    )
+    synchronous: Literal["full", "normal"] = Field(
+        "full",
+        description="'full': every batch of results is on disk (fsync) before it is sent; "
+        "'normal': faster, but a power cut may lose the last commits (not a crash)",
+    )
+    max_disconnects: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="a message in flight each time the connection drops, this many times in a "
+        "row, is dead-lettered instead of resent forever",
+    )
+
+    def resolved_path(self, device_id: str) -> Path | None:
+        """The outbox file of a device, or None when the outbox is kept in memory."""
+        if not self.enabled:
+            return None
+        if self.path is not None:
+            return self.path
+        return default_state_dir() / f"outbox-{device_id}.sqlite"
 
 
 # ---------------------------------------------------------------- the daemon
@@ -589,6 +673,10 @@ class DaemonConfig(Section):
     )
     crops: CropConfig = Field(default_factory=CropConfig, description="canonical crops")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="the broker")
+    outbox: OutboxConfig = Field(
+        default_factory=OutboxConfig,
+        description="the durable queue between the detector and the broker",
+    )
     stats_interval_s: float = Field(
         10.0, ge=1.0, le=3600.0, description="seconds between two stats messages"
     )
@@ -826,8 +914,17 @@ def check_config(cfg: DaemonConfig) -> list[str]:
     if mq.protocol == "v311":
         out.append(
             "mqtt.protocol: MQTT 3.1.1 cannot tell the daemon that the broker refused a publish "
-            "(ACL, size limit): such results are lost unseen, and crops carry no user properties"
+            "(ACL, size limit): such results are lost unseen (never dead-lettered or counted), "
+            "and crops carry no user properties"
         )
+    ob = cfg.outbox
+    if not ob.enabled:
+        out.append(
+            "outbox.enabled: false: results the broker has not acknowledged are kept in memory "
+            "only, and a restart or crash loses them"
+        )
+    else:
+        out += _outbox_warnings(ob, cfg.device_id)
     if mq.tls is not None and mq.tls.insecure:
         out.append(
             "mqtt.tls.insecure: the broker's certificate host name is not checked: "
@@ -858,6 +955,36 @@ def check_config(cfg: DaemonConfig) -> list[str]:
         if cam.source in sources and cam.source != "synthetic":
             out.append(f"{where}.source: the same source as camera {sources[cam.source]!r}")
         sources.setdefault(cam.source, cam.id)
+    return out
+
+
+def _outbox_warnings(ob: OutboxConfig, device_id: str) -> list[str]:
+    out = []
+    path = ob.resolved_path(device_id)
+    assert path is not None
+    if ob.synchronous == "normal":
+        out.append(
+            "outbox.synchronous: normal: a power cut may lose the last commits of results "
+            "(a crash of the process does not)"
+        )
+    if path.is_dir():
+        out.append(f"outbox.path: {path} is a folder: name a file")
+        return out
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if folder is None or not os.access(folder, os.W_OK | os.X_OK):
+        out.append(
+            f"outbox.path: cannot write in {folder or path.parent}: the daemon will not start"
+        )
+        return out
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return out
+    used = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    if free + used < ob.max_bytes:
+        out.append(
+            f"outbox.max_bytes: {ob.max_bytes} bytes, but {folder} has only {free} bytes free"
+        )
     return out
 
 

@@ -92,7 +92,7 @@ RESULT_QUEUE_SIZE = 16
 STOP_TIMEOUT_S = 5.0
 """SIGTERM to exit, at most (DESIGN §7): the MQTT stop gets what the threads leave of it."""
 LOADER_THREAD = "edge-stn.model-loader"
-RESTART_ONLY = ("device_id", "mqtt")
+RESTART_ONLY = ("device_id", "mqtt", "outbox")
 """Config sections a reload cannot change: they define the MQTT session and its topics."""
 READER_FIELDS = ("source", "fps", "on_end", "open_timeout_s", "read_timeout_s", "rtsp_transport")
 """A camera's settings its reader depends on: a change restarts the reader (proposals and
@@ -215,6 +215,8 @@ class _Work:
     frame: Frame
     model: ModelInfo
     crop_size: int
+    last: bool = True
+    """the last result of its detector batch: the outbox commits the batch with it"""
 
 
 _END = object()
@@ -585,12 +587,13 @@ class Daemon:
                     logger.exception("detector failed on a batch of %d frame(s)", len(frames))
                     continue
                 crop_size = stage.detector.crop_size
-                for result, frame in zip(results, frames, strict=True):
+                for i, (result, frame) in enumerate(zip(results, frames, strict=True)):
                     self._detect_ms.add(result.detect_ms)
                     with self._lock:
                         cid = result.camera_id
                         self._processed[cid] = self._processed.get(cid, 0) + 1
-                    self._enqueue(_Work(result, frame, stage.model, crop_size))
+                    last = i == len(results) - 1
+                    self._enqueue(_Work(result, frame, stage.model, crop_size, last))
         finally:
             self._put_end()
 
@@ -646,7 +649,7 @@ class Daemon:
                     # The first result of a swapped-in model: 'online' names it first.
                     self.publisher.update_info(model=item.model)
                 published = self.publisher.publish_result(
-                    item.result, self._crops_of(item), timeout=timeout
+                    item.result, self._crops_of(item), timeout=timeout, flush=item.last
                 )
             except Exception:
                 with self._lock:
@@ -722,6 +725,7 @@ class Daemon:
             latency_ms={
                 "detect_ms": self._detect_ms.drain(),
                 "publish_ms": self._publish_ms.drain(),
+                **self.publisher.latency_samples(),  # commit_ms, outbox_ms
             },
             mqtt=self.publisher.counters().to_dict(),
             drops=drops,

@@ -46,6 +46,8 @@ cameras:
 mqtt:
   host: {host}
   port: {port}
+outbox:
+  path: {outbox}  # the demo's private folder: nothing is left behind
 stats_interval_s: 5
 """
 
@@ -225,7 +227,13 @@ def run_demo(seconds: float = 20.0, out: Path = Path("demo-out")) -> int:
         try:
             config_path = folder / "demo.yaml"
             config_path.write_text(
-                DEMO_CONFIG.format(device=DEVICE, camera=CAMERA, host=HOST, port=broker.port)
+                DEMO_CONFIG.format(
+                    device=DEVICE,
+                    camera=CAMERA,
+                    host=HOST,
+                    port=broker.port,
+                    outbox=folder / "outbox.sqlite",
+                )
             )
             cfg = load_config(config_path)
             fps = cfg.cameras[0].fps or DEFAULT_FPS

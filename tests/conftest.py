@@ -41,3 +41,9 @@ def copy_smoke_run(smoke_run: SmokeRun, tmp_path: Path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(smoke_run.out_dir, dst)
     return dst
+
+
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daemons started by a test keep their outbox in the test's folder, never in ~/.local."""
+    monkeypatch.setenv("EDGE_STN_STATE_DIR", str(tmp_path / "state"))

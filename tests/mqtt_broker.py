@@ -25,6 +25,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_stn.demo import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIG = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 HOST = "127.0.0.1"
@@ -67,8 +69,30 @@ def make_tls_files(folder: Path, name: str = "ca") -> TlsFiles:
     return TlsFiles(ca, cert, key)
 
 
+def shipped_config(port: int, workdir: Path) -> list[str]:
+    """The shipped ``deploy/mosquitto/mosquitto.conf``, verbatim but for where it listens,
+    saves and logs: a loopback port and the test's folder."""
+    lines = []
+    for raw in SHIPPED_CONFIG.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key = line.split()[0]
+        if key == "listener":
+            line = f"listener {port} {HOST}"
+        elif key == "persistence_location":
+            line = f"persistence_location {workdir}/"
+        elif key in ("log_dest", "log_type"):
+            continue
+        lines.append(line)
+    return lines
+
+
 class Mosquitto:
-    """One mosquitto process on a fixed loopback port, restartable on the same port."""
+    """One mosquitto process on a fixed loopback port, restartable on the same port.
+
+    ``shipped``: run the shipped broker config (persistence on, saved in ``workdir``) instead of
+    the default test config (persistence off); ``extra``: more config lines."""
 
     def __init__(
         self,
@@ -78,6 +102,8 @@ class Mosquitto:
         acl: str | None = None,
         tls: TlsFiles | None = None,
         port: int | None = None,
+        shipped: bool = False,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -85,12 +111,20 @@ class Mosquitto:
         self.host = HOST
         self.log_path = workdir / "mosquitto.log"
         self.conf_path = workdir / "mosquitto.conf"
+        self.db_path = workdir / "mosquitto.db"
         self.proc: subprocess.Popen[bytes] | None = None
-        lines = [
-            f"listener {self.port} {HOST}",
-            "persistence false",
+        lines = (
+            shipped_config(self.port, workdir)
+            if shipped
+            else [
+                f"listener {self.port} {HOST}",
+                "persistence false",
+            ]
+        )
+        lines += [
             f"user {getpass.getuser()}",  # as root, mosquitto would drop to 'mosquitto'
             "log_type all",
+            *extra,
         ]
         if tls is not None:
             lines += [f"cafile {tls.ca}", f"certfile {tls.cert}", f"keyfile {tls.key}"]
@@ -102,7 +136,7 @@ class Mosquitto:
                     args.insert(1, "-c")
                 subprocess.run(args, check=True, capture_output=True, timeout=10)
             lines += ["allow_anonymous false", f"password_file {pw}"]
-        else:
+        elif not shipped:
             lines.append("allow_anonymous true")
         if acl is not None:
             acl_path = workdir / "acl"

@@ -30,6 +30,8 @@ TORCH_FREE = [
     "edge_stn.publish.payloads",
     "edge_stn.publish.stats",
     "edge_stn.publish.client",
+    "edge_stn.publish.outbox",
+    "edge_stn.subscriber",
     "edge_stn.accuracy",
     "edge_stn.daemon",
     "edge_stn.demo",

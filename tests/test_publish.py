@@ -35,6 +35,7 @@ from edge_stn.detect.crops import EncodedCrop, encode_jpeg
 from edge_stn.errors import PayloadError
 from edge_stn.publish import payloads
 from edge_stn.publish.client import MqttPublisher, PublisherLimits
+from edge_stn.publish.outbox import Outbox
 from edge_stn.publish.payloads import DeviceInfo, ModelInfo
 from edge_stn.publish.stats import LatencyWindow, ProcessMeter
 from edge_stn.publish.topics import TopicTree, parse_topic, subscription
@@ -541,47 +542,94 @@ def test_reconnects_after_a_broker_restart(mosquitto: Mosquitto, publisher_facto
     assert [first.seq] + [p.seq for p in during if p] == [0, 1, 2]
 
 
-def test_full_queue_sheds_crops_first_then_drops_results_in_bounded_time(
-    publisher_factory: Any,
+def noise_crop(size: int, seed: int = 0) -> EncodedCrop:
+    """Bytes that stand for a JPEG of ``size`` bytes (the publisher does not decode crops)."""
+    return EncodedCrop(np.random.default_rng(seed).bytes(size), 90, size, 64, 64)
+
+
+def test_full_outbox_sheds_crops_first_then_the_oldest_results(
+    publisher_factory: Any, tmp_path: Path
 ) -> None:
-    nobody = MqttConfig(host="127.0.0.1", port=free_port())  # nothing listens: all stays pending
-    limits = PublisherLimits(max_pending=8, reconnect_min_s=1, reconnect_max_s=2)
-    pub = publisher_factory(nobody, limits=limits)
+    nobody = MqttConfig(host="127.0.0.1", port=free_port())  # nothing listens: all stays queued
+    path = tmp_path / "outbox.sqlite"
+    outbox = Outbox(path, max_bytes=512 * 1024)
+    pub = publisher_factory(nobody, outbox=outbox)
     pub.start()
+    n = 400
     out = []
-    t0 = time.monotonic()
-    for i in range(6):
-        out.append(pub.publish_result(frame_result(index=i, n=1), [jpeg()], timeout=0.2))
-    assert time.monotonic() - t0 < 3.0
-    statuses = [p.detections[0].crop_status if p else None for p in out]
-    assert statuses == ["sent", "sent", "sent", "shed", "shed", None]
-    assert [p.seq for p in out if p] == [0, 1, 2, 3, 4]  # a dropped result uses no seq
+    for i in range(n):
+        crops = [noise_crop(3000, i)] * 2
+        # batches of 20, as a detector's would be: one commit each
+        out.append(pub.publish_result(frame_result(index=i, n=2), crops, flush=i % 20 == 19))
+        if i % 20 == 19:
+            assert wait_until(lambda: pub.counters().results.queued == len(out), 10)
+    published = [p for p in out if p is not None]
+    assert [p.seq for p in published] == list(range(n)), "every result got its seq"
+    statuses = [d.crop_status for p in published for d in p.detections]
+    first_shed = statuses.index("shed")
+    assert set(statuses[:first_shed]) == {"sent"} and first_shed > 4
     c = pub.counters()
-    assert (c.results.published, c.results.dropped) == (5, 1)
-    assert (c.crops.published, c.crops.dropped) == (3, 2)
-    assert c.pending == 8 and not c.connected
-    assert c.connect_failures >= 1 and c.last_error and "cannot reach" in c.last_error
+    assert (c.results.queued, c.results.dropped, c.results.published) == (n, 0, 0)
+    assert c.crops.queued == statuses.count("sent")
+    assert c.results.shed > 0, "after the crops, the oldest results"
+    assert c.outbox["live_bytes"] <= outbox.data_budget
+    pub.stop()
+    assert outbox.disk_bytes() <= 512 * 1024
+    with Outbox(path, max_bytes=512 * 1024) as again:
+        left = again.read(0, 1_000_000)
+        totals = again.state().totals
+    kept = [json.loads(m.payload) for m in left if m.kind == "result"]
+    assert [d["seq"] for d in kept] == list(range(n - len(kept), n)), "the oldest went first"
+    assert c.results.shed == totals["results_shed"] == n - len(kept)
+    stored_crops = {m.topic for m in left if m.kind == "crop"}
+    assert c.crops.shed == statuses.count("shed") + c.crops.queued - len(stored_crops)
+    validator = jsonschema.Draft202012Validator(payloads.load_schema("result"))
+    for doc in kept:  # a crop that was shed left crop: null in its result
+        validator.validate(doc)
+        for det in doc["detections"]:
+            sent = det["crop_status"] == "sent"
+            assert sent == (det["crop"] is not None)
+            if sent:
+                assert det["crop"]["topic"] in stored_crops
+
+
+def test_a_stuck_hand_over_drops_results_in_bounded_time_without_a_seq() -> None:
+    limits = PublisherLimits(max_waiting=2)
+    pub = MqttPublisher(MqttConfig(), device_info(), limits=limits)  # not started: nothing commits
     t0 = time.monotonic()
-    pub.stop(timeout=2.0)
-    assert time.monotonic() - t0 < 2.5
+    out = [pub.publish_result(frame_result(index=i, n=0), timeout=0.2) for i in range(3)]
+    assert time.monotonic() - t0 < 2.0
+    assert [p.seq if p else None for p in out] == [0, 1, None]
+    assert pub.counters().results.dropped == 1
+    assert pub.next_seq("cam0") == 2
+    pub.stop()
 
 
-def test_crop_statuses_within_one_result(publisher_factory: Any) -> None:
-    nobody = MqttConfig(host="127.0.0.1", port=free_port())
-    pub = publisher_factory(nobody, limits=PublisherLimits(max_pending=8))
+def test_crop_statuses_within_one_result(publisher_factory: Any, tmp_path: Path) -> None:
+    nobody = MqttConfig(host="127.0.0.1", port=free_port(), max_payload_bytes=40_000)
+    outbox = Outbox(tmp_path / "outbox.sqlite", max_bytes=512 * 1024)
+    pub = publisher_factory(nobody, outbox=outbox)
+    room = int(0.75 * outbox.data_budget - outbox.live_bytes)
     too_big = EncodedCrop(None, 20, 70_000, 64, 64)
-    crops: list[EncodedCrop | None] = [jpeg()] * 7 + [too_big, None]
-    p = pub.publish_result(frame_result(n=9), crops, timeout=0.0)
+    over_limit = noise_crop(45_000)
+    crops: list[EncodedCrop | None] = [noise_crop(room // 5)] * 7 + [too_big, None, over_limit]
+    p = pub.publish_result(frame_result(n=10), crops, timeout=0.0)
     assert p is not None
     statuses = [d.crop_status for d in p.detections]
-    # 8 * 0.75 = 6 slots for crops, one of them taken by the result itself
-    assert statuses == ["sent"] * 5 + ["shed"] * 2 + ["policy", "off"]
+    # five crops fit the crops' share of the outbox; the rest of the noise is shed
+    assert statuses == ["sent"] * 5 + ["shed"] * 2 + ["policy", "off", "policy"]
     assert len(p.crop_topics) == 5
-    c = pub.counters()
-    assert (c.crops.published, c.crops.dropped, c.pending) == (5, 2, 6)
     doc = json.loads(p.payload)
     validate("result", doc)
     assert [d["crop"]["topic"] for d in doc["detections"][:5]] == list(p.crop_topics)
+    pub.start()
+    assert wait_until(lambda: pub.counters().results.queued == 1, 5)
+    c = pub.counters()
+    assert (c.crops.queued, c.crops.shed, c.crops.refused) == (5, 2, 1)
+    pub.stop()
+    dead = Outbox.inspect(tmp_path / "outbox.sqlite").dead_letters
+    assert [(d.kind, d.code, d.result_id) for d in dead] == [("crop", 0x95, p.id)]
+    assert dead[0].topic.endswith(f"/crop/{p.id}/9") and "max_payload_bytes" in dead[0].reason
 
 
 def test_publisher_from_daemon_config() -> None:

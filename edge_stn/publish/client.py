@@ -1,34 +1,41 @@
-"""The MQTT publisher: paho-mqtt 2.x (``CallbackAPIVersion.VERSION2``) on its own network thread.
+"""The MQTT publisher: a durable outbox in front of paho-mqtt 2.x (``CallbackAPIVersion.VERSION2``).
 
-What it guarantees, and how:
+How a result travels:
 
-* **Connected means accepted.** ``on_connect`` checks the CONNACK reason code: a refusal (bad
-  user name or password, not authorized, ...) is logged as an error naming the likely fix and
-  counted, the publisher stays *not connected*, and paho keeps retrying with capped exponential
-  backoff (``reconnect_delay_set``). Only an accepted connect publishes the retained ``online``
-  status (again after every reconnect, so a broker restarted without persistence learns it).
-* **Presence.** The Last Will is the retained ``offline`` document (reason ``lost``) at QoS 1;
-  :meth:`MqttPublisher.stop` publishes ``offline`` (reason ``stop``) itself, waits for its
-  PUBACK, disconnects (which discards the will) and gives the network thread a bounded time to
-  end.
-* **Bounded memory, never blocking forever.** Every QoS 1 message handed to paho is *pending*
-  until its PUBACK. Pending messages are bounded in count and bytes; a result waits at most
-  ``timeout`` seconds for room and is then dropped (counted, no ``seq`` consumed); crops are
-  admitted only below 75 % of the bounds, so they are shed (``crop_status: shed``) before any
-  result is dropped. paho's in-flight window is bounded too (``max_inflight_messages_set``).
-* **Every loss counted.** Per kind (result, crop, status, stats): published (handed to paho),
-  acked, refused (MQTT v5 PUBACK reason code >= 0x80: ACL denial, quota, size) and dropped.
+1. :meth:`MqttPublisher.publish_result` (the daemon's publisher stage) gives it its ``id`` and
+   ``seq``, decides about its crops (sent, ``shed`` when the outbox is above its crops' share,
+   ``policy`` when too large), encodes it and hands it to the sender thread; it never waits on
+   the network.
+2. The sender thread (``edge-stn.outbox``) commits what it was handed to the
+   :class:`~edge_stn.publish.outbox.Outbox` (SQLite, WAL) in one transaction per detector batch
+   (``flush``) or at most ``commit_group_s`` after the first result of a group; only then it
+   hands rows to paho, oldest first, at most ``max_inflight`` at a time (paho's window). It is
+   the only thread that calls ``publish()`` (results, crops, status and stats) and the only
+   thread that touches the outbox.
+3. paho's network thread reports each PUBACK in ``on_publish``: a reason code below 0x80 deletes
+   the row, 0x80 and above moves it to the dead letters with its code (an ACL denial, quota,
+   size). On a plain reconnect paho resends what it holds in flight itself, so the sender does
+   not send it again; rows that never reached paho stay in the outbox, on disk, until the
+   connection is back. At start-up the rows left by the previous process are replayed into the
+   fresh client.
 
-The pending map is keyed by paho's message id under one lock that ``on_publish`` shares. paho
-calls ``on_publish`` while holding its own message lock, and can do so before ``publish()``
-returns; so the publishing thread never holds our lock while calling into paho (no lock-order
-inversion), and an acknowledgement that arrives before its message is registered waits in a
-small map of early acks, stamped so that a stale entry can never settle a later message that
-reuses the id. This map is where the durable outbox (SQLite) of the delivery issue slots in: a
-row id per pending message, deleted on PUBACK, dead-lettered on a refusal (:meth:`_settle`).
+Message ids map to rows in ``_inflight`` under one lock that ``on_publish`` shares. paho calls
+``on_publish`` while holding its own message lock, and can do so before ``publish()`` returns;
+so the sender never holds our lock while calling into paho (no lock-order inversion), and an
+acknowledgement that arrives before its message is registered waits in a small map of early
+acks, stamped so that a stale entry can never settle a later message that reuses the id.
 
-Until then ``epoch`` is chosen per process and ``seq`` counts in memory: a restart starts a new
-epoch, and messages still pending at exit are lost (counted and logged by :meth:`stop`).
+Refusals we can see before sending: a payload over ``mqtt.max_payload_bytes``, or a packet over
+the broker's Maximum Packet Size (MQTT v5 CONNACK), is dead-lettered with 0x95 instead of being
+queued. A row that was the oldest in flight each time the connection dropped,
+``outbox.max_disconnects`` times in a row, is dead-lettered too (a message the broker closes the
+connection for would otherwise be resent forever); paho's copy is then discarded with a fresh
+client. ``wait_for_publish`` is never called.
+
+Presence: on every accepted connect the retained ``online`` status; the Last Will is the retained
+``offline`` document (reason ``lost``); :meth:`MqttPublisher.stop` publishes ``offline`` (reason
+``stop``) itself, waits a bounded time for its PUBACK, disconnects (which discards the will) and
+closes the outbox: what was not acknowledged stays there for the next start.
 """
 
 from __future__ import annotations
@@ -51,16 +58,28 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_stn import __version__
 from edge_stn.config import DaemonConfig, MqttConfig, config_hash
 from edge_stn.errors import ConfigError
+from edge_stn.publish.outbox import (
+    CODE_DISCONNECTS,
+    CODE_PACKET_TOO_LARGE,
+    NewCrop,
+    NewResult,
+    Outbox,
+    OutboxState,
+    Refusal,
+    Settlement,
+    StoredMessage,
+    WriteReport,
+)
 from edge_stn.publish.payloads import (
     DeviceInfo,
     ModelInfo,
     encode,
-    new_epoch,
     new_result_id,
     result_document,
     status_offline,
     status_online,
 )
+from edge_stn.publish.stats import LatencyWindow
 from edge_stn.publish.topics import TopicTree
 from edge_stn.records import CropRef, Detection, FrameResult
 
@@ -69,10 +88,10 @@ logger = logging.getLogger(__name__)
 MessageKind = Literal["result", "crop", "status", "stats"]
 MESSAGE_KINDS: tuple[MessageKind, ...] = ("result", "crop", "status", "stats")
 
-CROP_SHARE = 0.75
-"""Crops are admitted only while the pending messages stay below this share of the bounds."""
-
 EARLY_ACK_TTL_S = 30.0
+MAINTENANCE_S = 1.0
+"""The sender applies the age policy and refreshes the outbox's state this often."""
+SHED_LOG_S = 10.0
 
 # CONNACK reason codes (paho maps 3.1.1 return codes onto these v5 values) -> what to check.
 _CONNACK_HINTS = {
@@ -103,23 +122,26 @@ class JpegCrop(Protocol):
 
 @dataclass(frozen=True)
 class PublisherLimits:
-    """Bounds of the publisher (DESIGN §7 wants every queue bounded)."""
+    """Bounds of the publisher (DESIGN §7 wants every queue bounded); the outbox has its own."""
 
     max_inflight: int = 20
-    """QoS 1 messages on the wire awaiting PUBACK (paho's window); the rest wait in paho."""
-    max_pending: int = 1000
-    """messages handed to paho and not yet acknowledged (results, crops, status)."""
-    max_pending_bytes: int = 32 * 1024 * 1024
+    """paho's window: stored messages handed to paho and not yet acknowledged."""
+    max_waiting: int = 256
+    """results handed to :meth:`MqttPublisher.publish_result` and not yet committed."""
     publish_timeout_s: float = 1.0
     """how long :meth:`MqttPublisher.publish_result` waits for room before dropping."""
+    commit_group_s: float = 0.010
+    """a result handed without ``flush`` is committed at most this long after it arrived."""
     reconnect_min_s: int = 1
     reconnect_max_s: int = 30
     connect_timeout_s: float = 5.0
     stop_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.max_inflight < 1 or self.max_pending < 2 or self.max_pending_bytes < 1024:
+        if self.max_inflight < 1 or self.max_waiting < 1:
             raise ValueError(f"publisher limits too small: {self}")
+        if not 0.0 <= self.commit_group_s <= 1.0:
+            raise ValueError(f"commit_group_s must be within 0-1 s, got {self.commit_group_s}")
         if not 1 <= self.reconnect_min_s <= self.reconnect_max_s:
             raise ValueError(
                 f"need 1 <= reconnect_min_s <= reconnect_max_s, got "
@@ -129,9 +151,16 @@ class PublisherLimits:
 
 @dataclass
 class DeliveryCounts:
+    """Per kind, since the publisher started. ``queued``: committed to the outbox;
+    ``published``: handed to MQTT; ``acked``: PUBACK below 0x80; ``refused``: dead-lettered
+    (PUBACK >= 0x80, too large, or lost connections); ``shed``: removed by the outbox's budget
+    policy (crops also when shed on entry); ``dropped``: never queued (no ``seq`` used)."""
+
+    queued: int = 0
     published: int = 0
     acked: int = 0
     refused: int = 0
+    shed: int = 0
     dropped: int = 0
 
 
@@ -146,11 +175,13 @@ class PublisherCounters:
     connect_failures: int
     pending: int
     pending_bytes: int
+    inflight: int
     last_error: str | None
     results: DeliveryCounts
     crops: DeliveryCounts
     status: DeliveryCounts
     stats: DeliveryCounts
+    outbox: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,7 +189,7 @@ class PublisherCounters:
 
 @dataclass(frozen=True)
 class PublishedResult:
-    """A result handed to MQTT: its identity, topic and the crops sent with it."""
+    """A result handed to the outbox: its identity, topic and the crops stored with it."""
 
     id: str
     epoch: str
@@ -177,10 +208,16 @@ class PublishedResult:
 
 
 @dataclass
-class _Pending:
+class _Waiting:
+    result: NewResult
+    flush: bool
+
+
+@dataclass
+class _InFlight:
     kind: MessageKind
+    row: int | None
     topic: str
-    size: int
     key: str
     handed_at: float = field(default_factory=time.monotonic)
 
@@ -189,11 +226,28 @@ def _reason_text(rc: ReasonCode) -> str:
     return f"{rc.getName()} (0x{rc.value:02x})"
 
 
+def _varint_len(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def packet_size(topic: str, payload_len: int, props: Properties | None) -> int:
+    """Bytes of a QoS 1 PUBLISH packet: what the broker's Maximum Packet Size limits."""
+    body = 2 + len(topic.encode("utf-8")) + 2 + payload_len
+    if props is not None:
+        body += len(props.pack())
+    return 1 + _varint_len(body) + body
+
+
 class MqttPublisher:
     """Publishes a device's status, results, crops and stats to one broker (DESIGN §6).
 
     Use: ``start()``, then ``publish_result()`` per processed frame and ``publish_stats()``
-    per interval, from one thread; ``stop()`` at the end. The network runs on paho's thread.
+    per interval, from one thread; ``stop()`` at the end. ``outbox`` None keeps the outbox in
+    memory (no durability; the epoch is ``info.epoch``); otherwise the outbox's epoch wins.
     """
 
     def __init__(
@@ -203,36 +257,71 @@ class MqttPublisher:
         *,
         client_id: str | None = None,
         limits: PublisherLimits | None = None,
+        outbox: Outbox | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = mqtt_config
-        self.info = info
         self.limits = limits or PublisherLimits()
+        self.outbox = outbox if outbox is not None else Outbox(None, epoch=info.epoch)
+        self.info = replace(info, epoch=self.outbox.epoch)
         self.topics = TopicTree(mqtt_config.topic_prefix, info.device)
         self.client_id = client_id or mqtt_config.client_id or f"edge-stn-{info.device}"
         self._clock = clock
         self._v5 = mqtt_config.protocol == "v5"
+        self.commit_ms = LatencyWindow()
+        """wall time of each commit of new results (fsync included), ms."""
+        self.outbox_ms = LatencyWindow()
+        """from ``publish_ts`` to the result's hand-over to paho, ms (commit and queueing)."""
 
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
-        self._pending: dict[int, _Pending] = {}
-        self._pending_bytes = 0
-        self._early: dict[int, tuple[float, ReasonCode]] = {}
+        self._wake = threading.Condition(self._lock)
+        # handed over by publish_result, not yet committed
+        self._waiting: list[_Waiting] = []
+        self._waiting_bytes = 0
         self._reserved = 0
+        self._flush_due: float | None = None
+        # what the network thread reports to the sender
+        self._settled: list[Settlement] = []
+        self._strikes: list[int] = []
+        self._refusals: list[tuple[int, int, str]] = []
+        self._stats_out: list[bytes] = []
+        self._need_online = False
+        self._renew = False
+        # messages in paho's hands
+        self._inflight: dict[int, _InFlight] = {}
+        self._rows_inflight = 0
+        self._early: dict[int, tuple[float, ReasonCode]] = {}
+        self._next_row = 0
+        """the next row to hand to paho: rows below it are in paho's hands or gone."""
+        self._last_row = 0
+        self._hand_paused_until = 0.0
+        self._broker_max_packet: int | None = None
+        # the outbox as the sender last saw it
+        self._outbox_rows = self.outbox.rows
+        self._outbox_payload = self.outbox.payload_bytes
+        self._outbox_live = self.outbox.live_bytes
+        self._outbox_state: OutboxState = self.outbox.state()
+        self._seq: dict[str, int] = self.outbox.next_seq()
         self._counts = {kind: DeliveryCounts() for kind in MESSAGE_KINDS}
-        self._seq: dict[str, int] = {}
         self._connects = 0
-        self._refusals = 0
+        self._refusals_connect = 0
         self._failures = 0
         self._failure_streak = 0
         self._refused_attempt = False
         self._last_error: str | None = None
+        self._write_error: str | None = None
         self._connected = threading.Event()
         self._started = False
         self._stopping = False
         self._stopped = False
+        self._stop_deadline = 0.0
+        self._shed_unlogged = {"result": 0, "crop": 0}
+        self._shed_logged_at = -SHED_LOG_S
 
         self._client = self._make_client()
+        self._sender = threading.Thread(
+            target=self._sender_main, name="edge-stn.outbox", daemon=True
+        )
 
     # ------------------------------------------------------------ construction
 
@@ -242,21 +331,34 @@ class MqttPublisher:
         cfg: DaemonConfig,
         model: ModelInfo,
         *,
-        epoch: str | None = None,
         started_at: float | None = None,
         limits: PublisherLimits | None = None,
     ) -> MqttPublisher:
-        """The daemon's publisher: device, client id, prefix and broker from the config."""
+        """The daemon's publisher: device, client id, prefix, broker and outbox from the
+        config. Opening the outbox may raise :class:`~edge_stn.publish.outbox.OutboxError`
+        (locked by another daemon, folder not writable)."""
+        ob = cfg.outbox
+        outbox = Outbox(
+            ob.resolved_path(cfg.device_id),
+            max_bytes=ob.max_bytes,
+            max_age_s=ob.max_age_s,
+            synchronous=ob.synchronous,
+            max_disconnects=ob.max_disconnects,
+        )
         info = DeviceInfo(
             device=cfg.device_id,
             version=__version__,
             model=model,
             config_hash=config_hash(cfg),
-            epoch=epoch or new_epoch(),
+            epoch=outbox.epoch,
             started_at=time.time() if started_at is None else started_at,
             cameras=tuple(c.id for c in cfg.cameras),
         )
-        return cls(cfg.mqtt, info, client_id=cfg.client_id, limits=limits)
+        try:
+            return cls(cfg.mqtt, info, client_id=cfg.client_id, limits=limits, outbox=outbox)
+        except BaseException:
+            outbox.close()
+            raise
 
     def _make_client(self) -> mqtt.Client:
         cfg = self.config
@@ -271,8 +373,8 @@ class MqttPublisher:
         # An exception in a callback is logged, never allowed to end the network thread.
         client.suppress_exceptions = True
         client.max_inflight_messages_set(self.limits.max_inflight)
-        # A safety net: our own bound (max_pending) is reached first; status messages bypass it.
-        client.max_queued_messages_set(self.limits.max_pending + 64)
+        # The sender keeps at most max_inflight rows in paho; status messages come on top.
+        client.max_queued_messages_set(self.limits.max_inflight + 16)
         client.reconnect_delay_set(self.limits.reconnect_min_s, self.limits.reconnect_max_s)
         client.connect_timeout = self.limits.connect_timeout_s
         if cfg.username is not None:
@@ -319,16 +421,13 @@ class MqttPublisher:
         props.ContentType = "application/json"
         return props
 
-    def _crop_props(self, result_id: str, det: Detection) -> Properties | None:
+    def _crop_props(self, user: Sequence[tuple[str, str]]) -> Properties | None:
         if not self._v5:
             return None
         props = Properties(PacketTypes.PUBLISH)
         props.ContentType = "image/jpeg"
-        props.UserProperty = [
-            ("result_id", result_id),
-            ("label", det.label),
-            ("score", f"{det.score:.4f}"),
-        ]
+        if user:
+            props.UserProperty = list(user)
         return props
 
     # ------------------------------------------------------------ life cycle
@@ -348,9 +447,12 @@ class MqttPublisher:
             return self._last_error
 
     def start(self) -> None:
-        """Connect in the background; returns at once (the broker may be down: paho retries)."""
+        """Start the sender and connect in the background; returns at once (the broker may be
+        down: paho retries, the outbox holds what comes meanwhile)."""
         if self._started:
             raise RuntimeError("the publisher was already started")
+        if self._stopped:
+            raise RuntimeError("the publisher was stopped")
         self._started = True
         logger.info(
             "MQTT: connecting to %s as %s (MQTT %s%s)",
@@ -359,31 +461,50 @@ class MqttPublisher:
             "5" if self._v5 else "3.1.1",
             ", TLS" if self.config.tls is not None else "",
         )
+        self._next_row = self.outbox.first_row()
+        self._last_row = self.outbox.last_row()
+        if self._outbox_rows:
+            logger.info(
+                "outbox: replaying %d messages left by the previous run (epoch %s)",
+                self._outbox_rows,
+                self.epoch,
+            )
+        self._sender.start()
         self._client.connect_async(self.config.host, self.config.port, self.config.keepalive)
         self._client.loop_start()
 
     def update_info(self, **changes: Any) -> None:
         """Change what the ``online`` document says (``model`` after a model swap,
         ``config_hash`` and ``cameras`` after a reload); results published from now on name
-        the new ``model``. Published again at once (retained) when connected, else at the next
-        connect. Thread-safe."""
-        with self._lock:
+        the new ``model``. Published again (retained) by the sender thread, the only one that
+        publishes, at once when connected, else at the next connect. Thread-safe."""
+        with self._wake:
             self.info = replace(self.info, **changes)
-            info = self.info
-            online = self._connected.is_set() and not self._stopping and not self._stopped
-        if online:
-            doc = encode(status_online(info, self._clock()))
-            self._hand("status", self.topics.status, doc, True, self._json_props(), "online")
+            if not self._stopping and not self._stopped:
+                self._need_online = True
+                self._wake.notify_all()
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for an accepted connection."""
         return self._connected.wait(timeout)
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Publish ``offline`` (retained), disconnect, end the network thread: within ``timeout``.
+    def wait_drained(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until everything handed over so far has been settled
+        (acknowledged, dead-lettered or shed): nothing waits, nothing is in the outbox."""
+        until = time.monotonic() + timeout
+        with self._wake:
+            while self._waiting or self._reserved or self._outbox_rows or self._settled:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(min(left, 0.1))
+        return True
 
-        Pending results get up to half the time to be acknowledged first; whatever is still
-        pending at the end is lost (in memory only) and logged with its count.
+    def stop(self, timeout: float | None = None) -> None:
+        """Publish ``offline`` (retained), disconnect, close the outbox: within ``timeout``.
+
+        While connected, the outbox gets up to half the time to drain first; whatever is left
+        stays in the outbox for the next start (in memory only: lost, and logged).
         """
         if self._stopped:
             return
@@ -391,17 +512,18 @@ class MqttPublisher:
         timeout = self.limits.stop_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         if not self._started:
+            self.outbox.close()
             return
         if self.connected:
-            self._wait_pending(lambda: not self._pending, deadline - timeout / 2)
-        with self._lock:
+            self.wait_drained(max(0.0, timeout / 2))
+        with self._wake:
             self._stopping = True
-        if self.connected:
-            doc = encode(status_offline(self.info, "stop", self._clock()))
-            mid = self._hand("status", self.topics.status, doc, True, self._json_props(), "offline")
-            if mid is not None:
-                self._wait_pending(lambda: mid not in self._pending, deadline - 0.5)
-        self._client.disconnect()
+            self._stop_deadline = deadline - 0.3
+            self._wake.notify_all()
+        self._sender.join(max(0.1, deadline - 0.2 - time.monotonic()))
+        if self._sender.is_alive():
+            logger.warning("outbox: the sender did not stop within %.1f s; abandoned", timeout)
+            self._client.disconnect()
         stopper = threading.Thread(
             target=self._client.loop_stop, name="edge-stn.mqtt-stop", daemon=True
         )
@@ -410,28 +532,22 @@ class MqttPublisher:
         if stopper.is_alive():
             logger.warning("MQTT: the network thread did not end within %.1f s; abandoned", timeout)
         self._connected.clear()
-        with self._lock:
-            lost = dict.fromkeys(MESSAGE_KINDS, 0)
-            for p in self._pending.values():
-                lost[p.kind] += 1
-        if lost["result"] or lost["crop"]:
+        state = self._outbox_state
+        if state.rows:
+            where = (
+                f"kept in the outbox {state.path} for the next start"
+                if state.path is not None
+                else "lost (the outbox is in memory)"
+            )
             logger.warning(
-                "MQTT: stopped with %d results and %d crops not acknowledged by the broker",
-                lost["result"],
-                lost["crop"],
+                "MQTT: stopped with %d results and %d crops not acknowledged by the broker: %s",
+                state.results,
+                state.rows - state.results,
+                where,
             )
         logger.info("MQTT: stopped")
 
-    def _wait_pending(self, done: Callable[[], bool], until: float) -> bool:
-        with self._room:
-            while not done():
-                left = until - time.monotonic()
-                if left <= 0 or not self.connected:
-                    return False
-                self._room.wait(min(left, 0.1))
-        return True
-
-    # ------------------------------------------------------------ publishing
+    # ------------------------------------------------------------ publishing (caller's thread)
 
     def publish_result(
         self,
@@ -439,15 +555,20 @@ class MqttPublisher:
         crops: Sequence[JpegCrop | None] | None = None,
         *,
         timeout: float | None = None,
+        flush: bool = True,
     ) -> PublishedResult | None:
-        """Publish one frame's result (QoS 1) and its crops (QoS 1, MQTT v5 user properties).
+        """Hand one frame's result (QoS 1) and its crops (QoS 1, MQTT v5 user properties) to
+        the outbox.
 
-        ``crops`` (one per detection, or None for none at all): a crop with ``data`` is sent
-        when there is room (``crop_status: sent`` and ``crop`` names its topic), else shed
-        (``shed``); a crop whose ``data`` is None was over the size limit (``policy``); a None
-        entry keeps the detection's own ``crop_status`` (``off`` when crops are disabled).
-        Waits at most ``timeout`` seconds (default ``limits.publish_timeout_s``) for room;
-        returns None when the result was dropped (counted; no ``seq`` is used).
+        ``crops`` (one per detection, or None for none at all): a crop with ``data`` is stored
+        when the outbox is below its crops' share of the budget (``crop_status: sent``) and shed
+        otherwise (``shed``); a crop whose ``data`` is None was over the size limit, and one
+        over ``mqtt.max_payload_bytes`` or the broker's Maximum Packet Size is refused
+        (``policy``); a None entry keeps the detection's own ``crop_status`` (``off``).
+        ``flush``: the last result of a detector batch, commit now (else within
+        ``commit_group_s``). Waits at most ``timeout`` seconds (default
+        ``limits.publish_timeout_s``) for room; returns None when the result was dropped
+        (counted; no ``seq`` is used).
         """
         if crops is not None and len(crops) != len(result.detections):
             raise ValueError(
@@ -455,67 +576,87 @@ class MqttPublisher:
                 f"(camera {result.camera_id}, frame {result.frame_index})"
             )
         timeout = self.limits.publish_timeout_s if timeout is None else timeout
-        if self._stopped or not self._reserve_result(timeout):
+        if self._stopped or self._stopping or not self._reserve(timeout):
             with self._lock:
                 self._counts["result"].dropped += 1
             return None
         try:
-            return self._publish_reserved(result, crops)
+            return self._hand_over(result, crops, flush)
         finally:
-            with self._room:
+            with self._wake:
                 self._reserved -= 1
 
-    def _reserve_result(self, timeout: float) -> bool:
+    def _reserve(self, timeout: float) -> bool:
         until = time.monotonic() + max(0.0, timeout)
-        lim = self.limits
-        with self._room:
-            while (
-                len(self._pending) + self._reserved >= lim.max_pending
-                or self._pending_bytes >= lim.max_pending_bytes
-            ):
+        with self._wake:
+            while len(self._waiting) + self._reserved >= self.limits.max_waiting:
                 left = until - time.monotonic()
                 if left <= 0:
                     return False
-                self._room.wait(left)
+                self._wake.wait(left)
             self._reserved += 1
         return True
 
-    def _crop_room(self, planned: int, planned_bytes: int) -> bool:
-        """Room for ``planned`` crops of ``planned_bytes`` (this result's so far, this one
-        included) below the crops' share of the bounds."""
-        lim = self.limits
-        with self._lock:
-            return (
-                len(self._pending) + self._reserved + planned <= CROP_SHARE * lim.max_pending
-                and self._pending_bytes + planned_bytes <= CROP_SHARE * lim.max_pending_bytes
-            )
+    def _payload_limit(self, topic: str, size: int, props: Properties | None) -> str | None:
+        """Why a message cannot be sent because of its size (None: it can)."""
+        if size > self.config.max_payload_bytes:
+            return f"payload of {size} bytes over mqtt.max_payload_bytes ({self.config.max_payload_bytes})"
+        limit = self._broker_max_packet
+        if limit is not None:
+            packet = packet_size(topic, size, props)
+            if packet > limit:
+                return f"packet of {packet} bytes over the broker's Maximum Packet Size ({limit})"
+        return None
 
-    def _publish_reserved(
-        self, result: FrameResult, crops: Sequence[JpegCrop | None] | None
-    ) -> PublishedResult | None:
+    def _hand_over(
+        self, result: FrameResult, crops: Sequence[JpegCrop | None] | None, flush: bool
+    ) -> PublishedResult:
         rid = new_result_id()
         cam = result.camera_id
         dets = list(result.detections)
-        to_send: list[tuple[int, str, bytes]] = []
-        shed = planned_bytes = 0
+        stored: list[NewCrop] = []
+        refusals: list[Refusal] = []
+        shed = planned = 0
+        with self._lock:
+            room = self.outbox.crop_share * self.outbox.data_budget - (
+                self._outbox_live + self._waiting_bytes
+            )
         for n, crop in enumerate(crops or ()):
             if crop is None:
                 continue
             if crop.data is None:
                 dets[n] = replace(dets[n], crop=None, crop_status="policy")
-            elif self._crop_room(len(to_send) + 1, planned_bytes + len(crop.data)):
-                planned_bytes += len(crop.data)
-                topic = self.topics.crop(cam, rid, n)
+                continue
+            topic = self.topics.crop(cam, rid, n)
+            det = dets[n]
+            user = (("result_id", rid), ("label", det.label), ("score", f"{det.score:.4f}"))
+            problem = self._payload_limit(topic, len(crop.data), self._crop_props(user))
+            if problem is not None:
+                dets[n] = replace(det, crop=None, crop_status="policy")
+                refusals.append(
+                    Refusal(
+                        "crop",
+                        cam,
+                        None,
+                        rid,
+                        topic,
+                        len(crop.data),
+                        CODE_PACKET_TOO_LARGE,
+                        problem,
+                    )
+                )
+                continue
+            if planned + len(crop.data) <= room:
+                planned += len(crop.data)
                 ref = CropRef(topic=topic, width=crop.width, height=crop.height)
-                dets[n] = replace(dets[n], crop=ref, crop_status="sent")
-                to_send.append((n, topic, crop.data))
+                dets[n] = replace(det, crop=ref, crop_status="sent")
+                stored.append(NewCrop(topic, crop.data, user if self._v5 else ()))
             else:
-                dets[n] = replace(dets[n], crop=None, crop_status="shed")
+                dets[n] = replace(det, crop=None, crop_status="shed")
                 shed += 1
         with self._lock:
             seq = self._seq.get(cam, 0)
             self._seq[cam] = seq + 1
-            self._counts["crop"].dropped += shed
         publish_ts = self._clock()
         doc = result_document(
             result,
@@ -529,13 +670,55 @@ class MqttPublisher:
         )
         payload = encode(doc)
         topic = self.topics.result(cam)
-        if self._hand("result", topic, payload, False, self._json_props(), rid) is None:
-            with self._lock:  # counted: the result as dropped (its seq is a gap), crops too
-                self._counts["crop"].dropped += len(to_send)
-            return None
-        for n, crop_topic, data in to_send:
-            props = self._crop_props(rid, dets[n])
-            self._hand("crop", crop_topic, data, False, props, f"{rid}/{n}")
+        problem = self._payload_limit(topic, len(payload), self._json_props())
+        stored_payload: bytes | None = payload
+        if problem is not None:
+            logger.error("MQTT: result %s (%s seq %d) refused: %s", rid, cam, seq, problem)
+            refusals.append(
+                Refusal(
+                    "result",
+                    cam,
+                    seq,
+                    rid,
+                    topic,
+                    len(payload),
+                    CODE_PACKET_TOO_LARGE,
+                    problem,
+                    payload,
+                )
+            )
+            refusals += [
+                Refusal(
+                    "crop",
+                    cam,
+                    None,
+                    rid,
+                    c.topic,
+                    len(c.payload),
+                    CODE_PACKET_TOO_LARGE,
+                    "its result was refused",
+                )
+                for c in stored
+            ]
+            stored_payload, stored = None, []
+        new = NewResult(
+            camera=cam,
+            seq=seq,
+            result_id=rid,
+            topic=topic,
+            payload=stored_payload,
+            created=publish_ts,
+            crops=tuple(stored),
+            shed_crops=shed,
+            refusals=tuple(refusals),
+        )
+        with self._wake:
+            self._waiting.append(_Waiting(new, flush))
+            self._waiting_bytes += new.size
+            now = time.monotonic()
+            due = now if flush else now + self.limits.commit_group_s
+            self._flush_due = due if self._flush_due is None else min(self._flush_due, due)
+            self._wake.notify_all()
         return PublishedResult(
             id=rid,
             epoch=self.info.epoch,
@@ -544,16 +727,243 @@ class MqttPublisher:
             capture_ts=result.capture_ts,
             publish_ts=publish_ts,
             detections=tuple(dets),
-            crop_topics=tuple(t for _, t, _ in to_send),
+            crop_topics=tuple(c.topic for c in stored),
             payload=payload,
         )
 
     def publish_stats(self, doc: dict[str, Any]) -> bool:
-        """Publish a stats document (QoS 0, not retained); False (counted as dropped) when not
-        connected."""
+        """Queue a stats document (QoS 0, not retained) for the sender; False (counted as
+        dropped) when not connected."""
         payload = encode(doc)
+        with self._wake:
+            if not self._connected.is_set() or self._stopping or self._stopped:
+                self._counts["stats"].dropped += 1
+                return False
+            if len(self._stats_out) >= 2:  # the sender is behind: the newest counts
+                self._stats_out.pop(0)
+                self._counts["stats"].dropped += 1
+            self._stats_out.append(payload)
+            self._wake.notify_all()
+        return True
+
+    # ------------------------------------------------------------ the sender thread
+
+    def _sender_main(self) -> None:
+        try:
+            self._sender_loop()
+        except Exception:
+            logger.exception("outbox: the sender failed; nothing more is published")
+        finally:
+            self._sender_finish()
+
+    def _work_ready(self, now: float, next_maintenance: float) -> bool:
+        """(lock held) whether the sender has something to do."""
+        return bool(
+            self._stopping
+            or self._settled
+            or self._strikes
+            or self._refusals
+            or self._stats_out
+            or self._renew
+            or (self._need_online and self._connected.is_set())
+            or (self._waiting and self._flush_due is not None and self._flush_due <= now)
+            or (
+                self._connected.is_set()
+                and self._rows_inflight < self.limits.max_inflight
+                and self._next_row <= self._last_row
+                and now >= self._hand_paused_until
+            )
+            or now >= next_maintenance
+        )
+
+    def _sender_loop(self) -> None:
+        next_maintenance = time.monotonic() + MAINTENANCE_S
+        backoff_until = 0.0
+        while True:
+            with self._wake:
+                while True:
+                    now = time.monotonic()
+                    if now >= backoff_until and self._work_ready(now, next_maintenance):
+                        break
+                    wake_at = next_maintenance
+                    if self._flush_due is not None:
+                        wake_at = min(wake_at, self._flush_due)
+                    if self._hand_paused_until > now:
+                        wake_at = min(wake_at, self._hand_paused_until)
+                    if backoff_until > now:
+                        wake_at = max(backoff_until, min(wake_at, next_maintenance))
+                    self._wake.wait(max(0.001, wake_at - now))
+                stopping = self._stopping
+                take = stopping or (self._flush_due is not None and self._flush_due <= now)
+                waiting = self._waiting if take else []
+                if take:
+                    self._waiting, self._flush_due = [], None
+                settled, self._settled = self._settled, []
+                strikes, self._strikes = self._strikes, []
+                refusals, self._refusals = self._refusals, []
+                stats, self._stats_out = self._stats_out, []
+                online = self._need_online and self._connected.is_set() and not stopping
+                if online:
+                    self._need_online = False
+                renew, self._renew = self._renew, False
+            if online:
+                self._publish_status(encode(status_online(self.info, self._clock())), "online")
+            maintenance = time.monotonic() >= next_maintenance
+            busy = waiting or settled or strikes or refusals or maintenance
+            if busy and not self._write(waiting, settled, strikes, refusals):
+                backoff_until = time.monotonic() + 1.0
+                continue
+            if maintenance:  # the write above applied the age policy and took the state
+                next_maintenance = time.monotonic() + MAINTENANCE_S
+            if renew:
+                self._renew_client()
+            if not stopping:
+                self._hand_rows()
+            for payload in stats:
+                self._publish_stats_now(payload)
+            if stopping:
+                return
+
+    def _write(
+        self,
+        waiting: list[_Waiting],
+        settled: list[Settlement],
+        strikes: list[int],
+        refusals: list[tuple[int, int, str]],
+    ) -> bool:
+        """One outbox transaction; on an error everything is kept for the next try."""
+        try:
+            report = self.outbox.write(
+                [w.result for w in waiting],
+                settled,
+                strikes=strikes,
+                refusals=refusals,
+                sheddable_from=self._next_row,
+            )
+        except Exception as exc:
+            message = f"cannot write the outbox: {exc}"
+            with self._wake:
+                self._waiting[:0] = waiting
+                self._settled[:0] = settled
+                self._strikes[:0] = strikes
+                self._refusals[:0] = refusals
+                if waiting:
+                    self._flush_due = time.monotonic()
+                first = self._write_error != message
+                self._write_error = message
+            (logger.error if first else logger.debug)("outbox: %s; retrying", message)
+            return False
+        if report.commit_ms is not None:
+            self.commit_ms.add(report.commit_ms)
+        last_row = self.outbox.last_row()
+        state = self.outbox.state()
+        with self._wake:
+            self._outbox_state = state
+            self._write_error = None
+            for w in waiting:
+                self._waiting_bytes -= w.result.size
+            self._account(report)
+            self._last_row = last_row
+            self._outbox_rows = self.outbox.rows
+            self._outbox_payload = self.outbox.payload_bytes
+            self._outbox_live = self.outbox.live_bytes
+            self._wake.notify_all()
+        for d in report.dead:
+            logger.warning(
+                "MQTT: %s %s%s on %s dead-lettered: %s (0x%02x)",
+                d.kind,
+                d.result_id,
+                f" (seq {d.seq})" if d.seq is not None else "",
+                d.topic,
+                d.reason,
+                d.code,
+            )
+        if any(d.code == CODE_DISCONNECTS for d in report.dead):
+            with self._wake:
+                self._renew = True
+        self._log_shed(report)
+        return True
+
+    def _log_shed(self, report: WriteReport) -> None:
+        """Shedding is logged at most every ``SHED_LOG_S`` seconds, with the sums since."""
+        for kind in ("result", "crop"):
+            self._shed_unlogged[kind] += report.shed[kind]
+        now = time.monotonic()
+        if any(self._shed_unlogged.values()) and now >= self._shed_logged_at + SHED_LOG_S:
+            logger.warning(
+                "outbox: over its budget (or max_age_s): shed %d results and %d crops, oldest "
+                "first, since the last report",
+                self._shed_unlogged["result"],
+                self._shed_unlogged["crop"],
+            )
+            self._shed_unlogged = {"result": 0, "crop": 0}
+            self._shed_logged_at = now
+
+    def _account(self, report: WriteReport) -> None:
+        """(lock held) the session's counters from a write."""
+        for kind in ("result", "crop"):
+            c = self._counts[kind]
+            c.queued += report.committed[kind]
+            c.shed += report.shed[kind]
+        for d in report.dead:
+            self._counts[d.kind].refused += 1
+
+    def _refresh_state(self) -> None:
+        state = self.outbox.state()
+        with self._lock:
+            self._outbox_state = state
+            self._outbox_payload = state.payload_bytes
+
+    def _hand_rows(self) -> None:
+        """Give paho the next stored rows, oldest first, up to the window."""
+        while self._connected.is_set():
+            with self._lock:
+                room = self.limits.max_inflight - self._rows_inflight
+                start = self._next_row
+            if room <= 0:
+                return
+            rows = self.outbox.read(start, room)
+            if not rows:
+                with self._lock:
+                    self._next_row = max(self._next_row, self._last_row + 1)
+                return
+            for msg in rows:
+                props = (
+                    self._json_props()
+                    if msg.kind == "result"
+                    else self._crop_props(msg.user_properties)
+                )
+                problem = self._payload_limit(msg.topic, len(msg.payload), props)
+                if problem is not None:
+                    with self._wake:
+                        self._refusals.append((msg.row, CODE_PACKET_TOO_LARGE, problem))
+                        self._next_row = msg.row + 1
+                    continue
+                if not self._hand_row(msg, props):
+                    # paho would not take it now (its queue, a message id still in use): try
+                    # again shortly rather than spin
+                    with self._lock:
+                        self._hand_paused_until = time.monotonic() + 0.2
+                    return
+                if msg.kind == "result":
+                    self.outbox_ms.add(max(0.0, (self._clock() - msg.created) * 1000.0))
+
+    def _hand_row(self, msg: StoredMessage, props: Properties | None) -> bool:
+        mid = self._hand(msg.kind, msg.topic, msg.payload, False, props, msg.result_id, msg.row)
+        if mid is None:
+            return False
+        with self._lock:
+            self._next_row = msg.row + 1
+        return True
+
+    def _publish_status(self, payload: bytes, key: str) -> int | None:
+        return self._hand(
+            "status", self.topics.status, payload, True, self._json_props(), key, None
+        )
+
+    def _publish_stats_now(self, payload: bytes) -> None:
         sent = False
-        if self.connected and not self._stopped:
+        if self._connected.is_set():
             try:
                 info = self._client.publish(
                     self.topics.stats, payload, qos=0, properties=self._json_props()
@@ -566,7 +976,6 @@ class MqttPublisher:
                 self._counts["stats"].published += 1
             else:
                 self._counts["stats"].dropped += 1
-        return sent
 
     def _hand(
         self,
@@ -576,46 +985,53 @@ class MqttPublisher:
         retain: bool,
         props: Properties | None,
         key: str,
+        row: int | None,
     ) -> int | None:
         """Give one QoS 1 message to paho and track it until its PUBACK; the message id, or
-        None when paho would not take it (counted as dropped). Never holds our lock while
-        calling paho (see the module docstring)."""
+        None when paho would not take it now. Never holds our lock while calling paho (see the
+        module docstring)."""
         handed_at = time.monotonic()
         try:
             info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
         except ValueError as exc:  # an invalid topic, a payload over 256 MiB: a bug upstream
             logger.error("MQTT: cannot publish %s on %s: %s", kind, topic, exc)
-            with self._lock:
-                self._counts[kind].dropped += 1
+            with self._wake:
+                if row is not None:
+                    self._refusals.append((row, 0x80, f"paho refused it: {exc}"))
+                    self._next_row = row + 1
+                else:
+                    self._counts[kind].dropped += 1
             return None
-        with self._room:
-            counts = self._counts[kind]
+        with self._wake:
             if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-                counts.dropped += 1
-                logger.warning("MQTT: paho's queue is full; %s on %s dropped", kind, topic)
+                if row is None:
+                    self._counts[kind].dropped += 1
+                    logger.warning("MQTT: paho's queue is full; %s on %s dropped", kind, topic)
                 return None
             # Any other return code (NO_CONN included): paho holds the message and sends it
             # after the next connect.
-            counts.published += 1
-            item = _Pending(kind, topic, len(payload), key, handed_at)
+            self._counts[kind].published += 1
+            item = _InFlight(kind, row, topic, key, handed_at)
             early = self._early.pop(info.mid, None)
             if early is not None and early[0] >= handed_at:
                 self._settle(item, early[1])  # acknowledged before publish() returned
             else:
-                self._pending[info.mid] = item
-                self._pending_bytes += item.size
+                self._inflight[info.mid] = item
+                if row is not None:
+                    self._rows_inflight += 1
             if self._early:  # QoS 0 sends (stats) also report here; forget old entries
                 stale = handed_at - EARLY_ACK_TTL_S
                 for mid in [m for m, (t, _) in self._early.items() if t < stale]:
                     del self._early[mid]
             return info.mid
 
-    def _settle(self, item: _Pending, reason: ReasonCode) -> None:
-        """A message's fate is known (called with the lock held). The outbox of the delivery
-        issue deletes its row here on success and dead-letters it on a refusal."""
+    def _settle(self, item: _InFlight, reason: ReasonCode) -> None:
+        """(lock held) A message's fate is known: stored rows go to the outbox (deleted, or
+        dead-lettered on a refusal) at the sender's next write."""
         counts = self._counts[item.kind]
         if reason.is_failure:
-            counts.refused += 1
+            if item.row is None:
+                counts.refused += 1
             logger.warning(
                 "MQTT: the broker refused %s %s on %s: %s",
                 item.kind,
@@ -625,7 +1041,62 @@ class MqttPublisher:
             )
         else:
             counts.acked += 1
-        self._room.notify_all()
+        if item.row is not None:
+            self._settled.append(Settlement(item.row, reason.value, _reason_text(reason)))
+        self._wake.notify_all()
+
+    def _renew_client(self) -> None:
+        """Replace paho's client, so that a dead-lettered message it still holds is not resent;
+        every row not acknowledged is handed to the new client (QoS 1 allows the duplicates)."""
+        old = self._client
+        logger.warning(
+            "MQTT: reconnecting with a fresh client (a dead-lettered message was in flight)"
+        )
+        with self._wake:
+            self._inflight.clear()
+            self._early.clear()
+            self._rows_inflight = 0
+            self._next_row = 0
+            self._connected.clear()
+            self._client = self._make_client()
+            new = self._client
+        for name in ("on_connect", "on_connect_fail", "on_disconnect", "on_publish"):
+            setattr(old, name, None)
+        old.disconnect()
+        stopper = threading.Thread(target=old.loop_stop, name="edge-stn.mqtt-stop", daemon=True)
+        stopper.start()
+        stopper.join(2.0)
+        new.connect_async(self.config.host, self.config.port, self.config.keepalive)
+        new.loop_start()
+
+    def _sender_finish(self) -> None:
+        """At stop: commit what is left, publish ``offline`` and wait (bounded) for its
+        acknowledgement, write the last acknowledgements, disconnect, close the outbox."""
+        deadline = self._stop_deadline or time.monotonic() + 1.0
+        with self._wake:
+            waiting, self._waiting = self._waiting, []
+            settled, self._settled = self._settled, []
+            refusals, self._refusals = self._refusals, []
+        if waiting or settled or refusals:
+            self._write(waiting, settled, [], refusals)
+        if self._connected.is_set():
+            doc = encode(status_offline(self.info, "stop", self._clock()))
+            mid = self._publish_status(doc, "offline")
+            with self._wake:
+                while mid is not None and mid in self._inflight:
+                    left = deadline - 0.3 - time.monotonic()
+                    if left <= 0 or not self._connected.is_set():
+                        break
+                    self._wake.wait(min(left, 0.05))
+        self._client.disconnect()
+        with self._wake:
+            settled, self._settled = self._settled, []
+        try:
+            if settled:
+                self._write([], settled, [], [])
+            self._refresh_state()
+        finally:
+            self.outbox.close()
 
     # ------------------------------------------------------------ paho callbacks (network thread)
 
@@ -637,12 +1108,15 @@ class MqttPublisher:
         reason_code: ReasonCode,
         properties: Properties,
     ) -> None:
-        with self._room:
-            item = self._pending.pop(mid, None)
+        with self._wake:
+            if client is not self._client:
+                return
+            item = self._inflight.pop(mid, None)
             if item is None:
                 self._early[mid] = (time.monotonic(), reason_code)
                 return
-            self._pending_bytes -= item.size
+            if item.row is not None:
+                self._rows_inflight -= 1
             self._settle(item, reason_code)
 
     def _on_connect(
@@ -653,6 +1127,8 @@ class MqttPublisher:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        if client is not self._client:
+            return
         if reason_code.is_failure:
             # A refused CONNACK is not a connection (Frigate's _on_connect got this wrong).
             hint = _CONNACK_HINTS.get(reason_code.value, "see the broker's log")
@@ -661,7 +1137,7 @@ class MqttPublisher:
                 f"{_reason_text(reason_code)}: {hint}"
             )
             with self._lock:
-                self._refusals += 1
+                self._refusals_connect += 1
                 self._refused_attempt = True
                 first = self._last_error != message
                 self._last_error = message
@@ -676,27 +1152,30 @@ class MqttPublisher:
             else:
                 logger.warning("MQTT: %s (attempt %d)", message, streak)
             return
-        with self._lock:
+        max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
+        with self._wake:
             self._connects += 1
             connects, streak = self._connects, self._failure_streak
             self._failure_streak = 0
             self._refused_attempt = False
             self._last_error = None
-            stopping = self._stopping
+            self._broker_max_packet = int(max_packet) if max_packet else None
+            self._need_online = True
+            self._connected.set()
+            self._wake.notify_all()
         logger.info(
-            "MQTT: connected to %s%s%s",
+            "MQTT: connected to %s%s%s%s",
             self.config.broker,
             f" (reconnect {connects - 1})" if connects > 1 else "",
             f" after {streak} failed attempts" if streak else "",
+            f", maximum packet size {max_packet}" if max_packet else "",
         )
-        if not stopping:  # 'online' before the flag: no new result precedes it
-            doc = encode(status_online(self.info, self._clock()))
-            self._hand("status", self.topics.status, doc, True, self._json_props(), "online")
-            self._connected.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError:`, so the cause (refused, timeout, a TLS
         # certificate that does not verify) is the exception being handled.
+        if client is not self._client:
+            return
         exc = sys.exc_info()[1]
         cause = f": {exc}" if exc is not None else ""
         with self._lock:
@@ -717,12 +1196,20 @@ class MqttPublisher:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        if client is not self._client:
+            return
         was_connected = self._connected.is_set()
         self._connected.clear()
-        with self._room:
+        with self._wake:
             stopping = self._stopping
             refused, self._refused_attempt = self._refused_attempt, False
-            self._room.notify_all()
+            if was_connected and not stopping:
+                # The oldest row in flight gets a strike: a message the broker drops the
+                # connection for is the oldest one each time.
+                rows = [i.row for i in self._inflight.values() if i.row is not None]
+                if rows:
+                    self._strikes.append(min(rows))
+            self._wake.notify_all()
         if stopping or refused:  # a refusal was reported by _on_connect
             return
         if was_connected:
@@ -761,22 +1248,35 @@ class MqttPublisher:
 
     def counters(self) -> PublisherCounters:
         with self._lock:
+            state = self._outbox_state
+            outbox = {
+                "epoch": state.epoch,
+                **state.to_dict(),
+                "waiting": len(self._waiting),
+                "write_error": self._write_error,
+            }
             return PublisherCounters(
                 connected=self._connected.is_set(),
                 connects=self._connects,
                 reconnects=max(0, self._connects - 1),
-                connect_refusals=self._refusals,
+                connect_refusals=self._refusals_connect,
                 connect_failures=self._failures,
-                pending=len(self._pending),
-                pending_bytes=self._pending_bytes,
+                pending=self._outbox_rows + len(self._waiting),
+                pending_bytes=self._outbox_payload + self._waiting_bytes,
+                inflight=self._rows_inflight,
                 last_error=self._last_error,
                 results=replace(self._counts["result"]),
                 crops=replace(self._counts["crop"]),
                 status=replace(self._counts["status"]),
                 stats=replace(self._counts["stats"]),
+                outbox=outbox,
             )
 
     def next_seq(self, camera: str) -> int:
         """The ``seq`` the next result of ``camera`` will carry."""
         with self._lock:
             return self._seq.get(camera, 0)
+
+    def latency_samples(self) -> dict[str, list[float]]:
+        """The outbox's latency samples since the last call (``commit_ms``, ``outbox_ms``)."""
+        return {"commit_ms": self.commit_ms.drain(), "outbox_ms": self.outbox_ms.drain()}
