@@ -46,13 +46,15 @@ from edge_stn.windows import extract_window, place_window  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not BUNDLED_DEMO_MODEL.is_file(), reason="demo model missing")
 
-# Measured when the bars were chosen (demo-stcnn.onnx, CPU): on these 20 scenes (60 digits)
-# recall 1.00, precision 1.00, label accuracy 1.00; on 200 other scenes of the same generator
-# (seeds 1000-1049, 4 segments each, 600 digits) recall 0.988, precision 0.980, accuracy 0.968
-# (misses: unsure windows and digits merged with touching clutter; false positives: clutter
-# fragments read as digits). The bars allow 3 misses, ~4 false positives and 4 wrong labels.
-MIN_RECALL = 0.95
-MIN_PRECISION = 0.93
+# Measured when the bars were chosen (demo-stcnn.onnx, CPU) on these 20 default scenes (1-4
+# digits 40-120 px, contrast 50-220, blur, noise, clutter strokes; 43 digits): recall 0.953,
+# precision 0.872, label accuracy 0.976; on 240 frames of other seeds (3000-3079, 611 digits)
+# recall 0.979, precision 0.910, accuracy 0.972. Misses are digits merged with a touching
+# clutter stroke; false positives are clutter strokes read as digits (mostly '1' and '7').
+# tests/test_targets.py holds the bars end to end; these leave room for ~2 more misses,
+# ~4 more false positives and ~2 more wrong labels on this small set.
+MIN_RECALL = 0.9
+MIN_PRECISION = 0.8
 MIN_ACCURACY = 0.93
 
 
@@ -231,7 +233,7 @@ def test_detection_affine_is_frame_from_crop_of_its_window(engine: Engine, shots
 def test_precision_recall_and_accuracy_against_ground_truth(detector: Detector, shots) -> None:
     results = detector.detect([s.frame for s in shots])
     s = score(results, shots)
-    assert s.tp + s.fn == 60
+    assert s.tp + s.fn == sum(len(sh.truth) for sh in shots) == 43
     assert s.recall >= MIN_RECALL, s
     assert s.precision >= MIN_PRECISION, s
     assert s.accuracy >= MIN_ACCURACY, s
@@ -285,7 +287,7 @@ def test_nms_removes_duplicate_windows_of_one_object(engine: Engine, shots) -> N
 
 
 def test_max_per_frame_keeps_the_best(engine: Engine, shots) -> None:
-    s = shots[0]
+    s = max(shots, key=lambda sh: len(sh.truth))
     full = Detector(engine).detect([s.frame])[0]
     assert len(full.detections) >= 2
     (one,) = Detector(engine, detection=DetectionConfig(max_per_frame=1)).detect([s.frame])
