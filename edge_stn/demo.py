@@ -26,7 +26,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from edge_stn.accuracy import Accuracy, score
+from edge_stn.accuracy import (
+    Accuracy,
+    RotationError,
+    crop_rotation,
+    match_pairs,
+    rotation_error,
+    score,
+)
 from edge_stn.config import load_config
 from edge_stn.errors import EdgeStnError
 from edge_stn.publish.topics import parse_topic
@@ -198,18 +205,25 @@ def _fmt_ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f} ms"
 
 
-def demo_accuracy(results: list[dict[str, Any]], fps: float) -> Accuracy:
+def demo_accuracy(results: list[dict[str, Any]], fps: float) -> tuple[Accuracy, RotationError]:
     """Score received results against the synthetic camera's truth of the same frame index
-    (the scene depends only on seed, settings and index: a fresh camera gives the truth)."""
+    (the scene depends only on seed, settings and index: a fresh camera gives the truth), and
+    how upright the matched canonical crops are."""
     from edge_stn.video.synthetic import SyntheticCamera
 
     truth_camera = SyntheticCamera(CAMERA, fps=fps)
     frames = []
+    crop_angles: list[float] = []
+    truth_angles: list[float] = []
     for doc in results:
+        objects = truth_camera.objects(doc["frame_index"])
         dets = [(d["label"], d["box"]) for d in doc["detections"]]
-        truth = [(str(o.label), o.box) for o in truth_camera.objects(doc["frame_index"])]
+        truth = [(str(o.label), o.box) for o in objects]
         frames.append((dets, truth))
-    return score(frames)
+        for i, j in match_pairs([b for _, b in dets], [b for _, b in truth]):
+            crop_angles.append(crop_rotation(doc["detections"][i]["affine"]))
+            truth_angles.append(objects[j].angle)
+    return score(frames), rotation_error(crop_angles, truth_angles)
 
 
 def run_demo(seconds: float = 20.0, out: Path = Path("demo-out")) -> int:
@@ -304,7 +318,7 @@ def _summary(subscriber: DemoSubscriber, daemon: Any, elapsed: float, fps: float
     gaps = (seqs[-1] - seqs[0] + 1 - len(set(seqs))) if seqs else 0
     ms = sorted(publish_ms)
     p90 = ms[min(len(ms) - 1, int(0.9 * len(ms)))] if ms else None
-    acc = demo_accuracy(results, fps)
+    acc, rot = demo_accuracy(results, fps)
     counters = daemon.publisher.counters()
     print("summary:")
     print(
@@ -319,3 +333,5 @@ def _summary(subscriber: DemoSubscriber, daemon: Any, elapsed: float, fps: float
         f"stats messages {stats}, status {' -> '.join(status) or 'none'}"
     )
     print(f"  accuracy {acc.line()}")
+    if rot.n:
+        print(f"  pose     canonical crops: {rot.line()}")
