@@ -45,15 +45,20 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from edge_stn.config import CropConfig, DaemonConfig, load_config
+from edge_stn.config import CropConfig, DaemonConfig, ModelConfig, load_config
 from edge_stn.detect.crops import EncodedCrop, canonical_crop, encode_jpeg
 from edge_stn.detect.detector import Detector
 from edge_stn.errors import EdgeStnError
+from edge_stn.ops.health import Heartbeats
+from edge_stn.ops.logs import config_secrets, configure_logging
+from edge_stn.ops.sdnotify import Notifier
+from edge_stn.ops.supervisor import Supervisor
 from edge_stn.publish.client import MqttPublisher, PublishedResult, PublisherLimits
 from edge_stn.publish.payloads import ModelInfo, stats_document
 from edge_stn.publish.stats import LatencyWindow, ProcessMeter
 from edge_stn.records import Frame, FrameResult
 from edge_stn.runtime.engine import Engine
+from edge_stn.runtime.fallback import FallbackStore, open_engine
 from edge_stn.video.factory import make_reader
 from edge_stn.video.reader import CameraReader
 
@@ -96,6 +101,7 @@ class Daemon:
         limits: PublisherLimits | None = None,
         queue_size: int = RESULT_QUEUE_SIZE,
         on_published: Callable[[PublishedResult], None] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.config_path = Path(config_path) if config_path is not None else None
@@ -103,7 +109,7 @@ class Daemon:
         self._wakeup = threading.Event()
         self._reload_requested = threading.Event()
         self._on_published = on_published
-        self.engine = engine if engine is not None else Engine(config.model)
+        self.engine = engine if engine is not None else open_engine(config.model)
         self.detector = Detector.from_config(self.engine, config, max_batch=self.engine.max_batch)
         self.readers: list[CameraReader] = [
             make_reader(cam, self.stop_event, wakeup=self._wakeup) for cam in config.cameras
@@ -136,6 +142,9 @@ class Daemon:
         self.started_at = self.publisher.info.started_at
         self._last_processed: dict[str, int] = {}
         self._last_stats_ts = self.started_at
+        # Operations (issue 7): stage heartbeats, systemd notify/watchdog, health, metrics.
+        self.heartbeats = Heartbeats(("detector", "publisher"))
+        self.supervisor = Supervisor(self, notifier)
 
     # ------------------------------------------------------------ life cycle
 
@@ -180,7 +189,9 @@ class Daemon:
         deadline = time.monotonic() + timeout
         self.request_stop()
         if not self._started:
+            self.supervisor.close()
             return
+        self.supervisor.stopping()
         for reader in reversed(self.readers):
             # A reader stuck in a C call is abandoned (daemon thread), never waited for.
             if not reader.join(max(0.0, min(0.5, deadline - time.monotonic()))):
@@ -190,6 +201,7 @@ class Daemon:
         if self._publisher_thread.is_alive():
             logger.warning("the publisher stage did not drain in time; queued results lost")
         self.publisher.stop(timeout=max(0.5, deadline - time.monotonic() - 0.2))
+        self.supervisor.close()
         counters = self.publisher.counters()
         logger.info(
             "daemon %s stopped: %d results published, %d dropped",
@@ -206,12 +218,14 @@ class Daemon:
             restore = self._install_signals()
         try:
             self.start()
+            self.supervisor.started()
             deadline = None if duration_s is None else time.monotonic() + duration_s
             next_stats = time.monotonic() + self._stats_interval_s
             while not self.stop_event.is_set() and not self.finished:
                 self.stop_event.wait(min(1.0, self._stats_interval_s))
                 for reader in self.readers:
                     reader.watchdog()
+                self.supervisor.tick()
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()
                     self.reload()
@@ -254,12 +268,19 @@ class Daemon:
             logger.warning("SIGHUP: no config file to reload")
             return False
         logger.info("SIGHUP: reloading %s", self.config_path)
+        self.supervisor.notifier.reloading()
         try:
             new = load_config(self.config_path)
         except EdgeStnError as exc:
             logger.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
+            self.supervisor.notifier.ready()
             return False
         old = self.config
+        if new.model != old.model:  # hot swap (issue 7); a refused model keeps the running one
+            if self.swap_model(new.model):
+                self.config = old = old.model_copy(update={"model": new.model})
+            else:
+                new = new.model_copy(update={"model": old.model})
         restart = [
             name
             for name, a, b in (
@@ -291,6 +312,54 @@ class Daemon:
             new.crops.max_payload_bytes,
             new.stats_interval_s,
         )
+        self.supervisor.notifier.ready()
+        return True
+
+    def swap_model(self, model: ModelConfig) -> bool:
+        """Load, check and warm up ``model`` while the running one keeps detecting, then swap
+        it in between two batches (no camera stops). If the new model is refused or fails to
+        load or warm up, the running model is kept (logged) and False returned."""
+        box: dict[str, Any] = {}
+
+        def load() -> None:
+            try:
+                engine = Engine(model)
+                cfg = self.config.model_copy(update={"model": model})
+                box["detector"] = Detector.from_config(engine, cfg, max_batch=engine.max_batch)
+                box["engine"] = engine
+            except EdgeStnError as exc:
+                box["error"] = str(exc)
+            except Exception as exc:  # a bug, or onnxruntime's own errors
+                logger.exception("loading the new model failed")
+                box["error"] = f"{type(exc).__name__}: {exc}"
+
+        worker = threading.Thread(target=load, name="edge-stn.model-load", daemon=True)
+        worker.start()
+        while worker.is_alive():  # the watchdog keeps being pinged during a long load
+            worker.join(1.0)
+            self.supervisor.tick()
+        if "error" in box:
+            logger.error(
+                "new model refused, keeping %s (sha256 %s...): %s",
+                self.engine.path,
+                self.engine.sha256[:12],
+                box["error"],
+            )
+            return False
+        detector, engine = box["detector"], box["engine"]
+        detector.detection = self.detector.detection
+        old = self.engine
+        self.engine, self.detector = engine, detector
+        self.publisher.set_model(ModelInfo(name=engine.name, sha256=engine.sha256))
+        if model.fallback_dir is not None:
+            FallbackStore(model.fallback_dir).keep(engine)
+        logger.info(
+            "model swapped: %s (sha256 %s...) -> %s (sha256 %s...)",
+            old.path.name,
+            old.sha256[:12],
+            engine.path.name,
+            engine.sha256[:12],
+        )
         return True
 
     # ------------------------------------------------------------ the detector stage
@@ -306,10 +375,12 @@ class Daemon:
     def _detector_loop(self) -> None:
         try:
             while True:
+                self.heartbeats.beat("detector")
                 self._wakeup.clear()  # before polling: a put after this sets it again
                 frames = self._next_frames()
                 if not frames:
                     if self.stop_event.is_set() or all(r.finished for r in self.readers):
+                        self.heartbeats.done("detector")
                         break
                     self._wakeup.wait(0.2)
                     continue
@@ -321,8 +392,11 @@ class Daemon:
                         self._stage_errors += 1
                     logger.exception("detector failed on a batch of %d frame(s)", len(frames))
                     continue
+                metrics = self.supervisor.metrics
                 for result, frame in zip(results, frames, strict=True):
                     self._detect_ms.add(result.detect_ms)
+                    if metrics is not None:
+                        metrics.observe_detect(result.camera_id, result.detect_ms)
                     with self._lock:
                         self._processed[result.camera_id] += 1
                     self._enqueue(_Work(result, frame))
@@ -339,6 +413,7 @@ class Daemon:
             return
         # A file waits for room: every frame of a file yields a result.
         while True:
+            self.heartbeats.beat("detector")  # waiting for room is progress, not a hang
             try:
                 self._queue.put(work, timeout=0.1)
                 return
@@ -370,8 +445,13 @@ class Daemon:
 
     def _publisher_loop(self) -> None:
         while True:
-            item = self._queue.get()
+            self.heartbeats.beat("publisher")
+            try:
+                item = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
             if item is _END:
+                self.heartbeats.done("publisher")
                 return
             assert isinstance(item, _Work)
             # After a stop request, what is queued gets a short wait for room, not the full one.
@@ -394,6 +474,8 @@ class Daemon:
                     self._publish_drops += 1
                 continue
             self._publish_ms.add(published.publish_ms)
+            if self.supervisor.metrics is not None:
+                self.supervisor.metrics.observe_publish(item.result.camera_id, published.publish_ms)
             if self._on_published is not None:
                 self._on_published(published)
 
@@ -403,6 +485,17 @@ class Daemon:
     def queue_drops(self) -> int:
         with self._lock:
             return self._queue_drops
+
+    def drop_counts(self) -> dict[str, int]:
+        """Results and frames dropped by the daemon's stages, by stage, since start."""
+        with self._lock:
+            drops = {
+                "result_queue": self._queue_drops,
+                "publish": self._publish_drops,
+                "stage_errors": self._stage_errors,
+            }
+        drops["detector_frame_errors"] = self.detector.stats.frame_errors
+        return drops
 
     def processed(self) -> dict[str, int]:
         """Frames processed by the detector, per camera, since start."""
@@ -455,6 +548,7 @@ class Daemon:
             mqtt=self.publisher.counters().to_dict(),
             drops=drops,
             process=self._meter.sample(),
+            health=self.supervisor.health_summary(),
         )
 
     def publish_stats(self) -> bool:
@@ -468,5 +562,6 @@ class Daemon:
 def run_daemon(config_path: str | Path) -> int:
     """``edge-stn run --config F``: load, check, run until stopped or every camera ended."""
     cfg = load_config(config_path)
+    configure_logging(cfg.log_format, config_secrets(cfg))
     daemon = Daemon(cfg, config_path=config_path)
     return daemon.run()

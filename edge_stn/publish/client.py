@@ -347,6 +347,16 @@ class MqttPublisher:
         with self._lock:
             return self._last_error
 
+    def set_model(self, model: ModelInfo) -> None:
+        """The daemon swapped its model: results name the new one from now on, and the
+        retained ``online`` status is published again with its sha256."""
+        with self._lock:
+            self.info = replace(self.info, model=model)
+            stopping = self._stopping or self._stopped
+        if self.connected and not stopping:
+            doc = encode(status_online(self.info, self._clock()))
+            self._hand("status", self.topics.status, doc, True, self._json_props(), "online")
+
     def start(self) -> None:
         """Connect in the background; returns at once (the broker may be down: paho retries)."""
         if self._started:

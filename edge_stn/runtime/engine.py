@@ -24,8 +24,16 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_stn.config import BatchProfileConfig, ModelConfig, ProviderName, TensorRTProvider
-from edge_stn.errors import ConfigError, DTypeError, MissingExtraError, ModelError, ShapeError
+from edge_stn.errors import (
+    ConfigError,
+    DTypeError,
+    MissingExtraError,
+    ModelError,
+    ModelIntegrityError,
+    ShapeError,
+)
 from edge_stn.runtime.metadata import file_sha256, read_model_metadata
+from edge_stn.runtime.signing import check_model_trust
 
 if TYPE_CHECKING:
     from edge_stn.windows import WindowSpec
@@ -151,15 +159,17 @@ class Engine:
                 if self.config.is_bundled
                 else "no such model file"
             )
-            raise ModelError(what, path=self.path)
+            raise ModelIntegrityError(what, path=self.path)
         self.sha256 = file_sha256(self.path)
         expected = self.config.sha256
         if expected is not None and expected.lower() != self.sha256:
-            raise ModelError(
+            raise ModelIntegrityError(
                 f"sha256 {self.sha256[:12]}... differs from model.sha256 {expected[:12]}... in "
                 "the config: the file was replaced; deploy the expected model or update the config",
                 path=self.path,
             )
+        # Authenticity before anything parses the file (signature or allow-list, issue 7).
+        self.trust = check_model_trust(self.path, self.sha256, self.config.trust)
         self.metadata: dict[str, Any] = read_model_metadata(self.path)
         doc = self.metadata
         inp = doc["input"]
@@ -206,9 +216,10 @@ class Engine:
         wanted = " > ".join(p.name for p in self.config.providers)
         got = ", ".join(self.providers)
         logger.info(
-            "model %s (sha256 %s...) runs on %s (preference: %s)",
+            "model %s (sha256 %s..., trust: %s) runs on %s (preference: %s)",
             self.path,
             self.sha256[:12],
+            self.trust,
             got,
             wanted,
         )
@@ -233,7 +244,10 @@ class Engine:
         self.warmup_s: float | None = None
         if warmup:
             t0 = time.perf_counter()
-            self.infer(np.zeros((1, c, *self.input_size), dtype=np.uint8))
+            try:
+                self.infer(np.zeros((1, c, *self.input_size), dtype=np.uint8))
+            except Exception as exc:  # onnxruntime raises its own untyped errors
+                raise ModelError(f"warm-up failed: {_first_line(exc)}", path=self.path) from None
             self.warmup_s = time.perf_counter() - t0
             logger.info("warm-up took %.3f s", self.warmup_s)
 
