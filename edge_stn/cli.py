@@ -170,6 +170,8 @@ def cmd_sign_model(args: argparse.Namespace) -> int:
         raise UsageError("sign-model: give a MODEL to sign, or --new-key FILE")
     if not args.key and not args.new_key:
         raise UsageError("sign-model: --key PRIVATE_KEY is required")
+    if not Path(args.model).is_file():
+        raise EdgeStnError("no such model file", path=args.model)
     key = signing.load_private_key(Path(args.new_key or args.key))
     sig = signing.sign_model(Path(args.model), key, Path(args.out) if args.out else None)
     kid = signing.key_id(key.public_key())

@@ -86,6 +86,17 @@ _CONNACK_HINTS = {
     0x8C: "check the authentication method the broker expects",
 }
 
+# PUBACK reason codes >= 0x80 -> what to check (issue 7: a refusal is a clear error).
+_REFUSAL_HINTS = {
+    0x87: "not authorized by the broker's ACL: with deploy/mosquitto/acl a gateway may only "
+    "publish under <prefix>/<its user name>/#, so mqtt.username must equal device_id",
+    0x90: "the broker refused the topic name",
+    0x95: "the message exceeds the broker's maximum packet size",
+    0x97: "the broker's quota is exceeded",
+}
+REFUSAL_LOG_EVERY_S = 60.0
+"""A refused publish is logged at most this often per reason code; each one is counted."""
+
 
 class JpegCrop(Protocol):
     """A detection's encoded crop: :class:`edge_stn.detect.crops.EncodedCrop` fits.
@@ -227,6 +238,7 @@ class MqttPublisher:
         self._failure_streak = 0
         self._refused_attempt = False
         self._last_error: str | None = None
+        self._refusal_log: dict[int, tuple[float | None, int]] = {}
         self._connected = threading.Event()
         self._started = False
         self._stopping = False
@@ -613,16 +625,32 @@ class MqttPublisher:
         counts = self._counts[item.kind]
         if reason.is_failure:
             counts.refused += 1
-            logger.warning(
-                "MQTT: the broker refused %s %s on %s: %s",
-                item.kind,
-                item.key,
-                item.topic,
-                _reason_text(reason),
-            )
+            self._log_refusal(item, reason)
         else:
             counts.acked += 1
         self._room.notify_all()
+
+    def _log_refusal(self, item: _Pending, reason: ReasonCode) -> None:
+        """A refused publish, logged at most once per :data:`REFUSAL_LOG_EVERY_S` per reason
+        code with the count in between (an ACL that refuses everything must not flood the
+        log); every refusal is counted. Called with the lock held."""
+        now = time.monotonic()
+        last, suppressed = self._refusal_log.get(reason.value, (None, 0))
+        if last is not None and now - last < REFUSAL_LOG_EVERY_S:
+            self._refusal_log[reason.value] = (last, suppressed + 1)
+            return
+        self._refusal_log[reason.value] = (now, 0)
+        hint = _REFUSAL_HINTS.get(reason.value, "")
+        more = f" ({suppressed} more refused like this since the last report)" if suppressed else ""
+        logger.error(
+            "MQTT: the broker refused %s %s on %s: %s%s%s",
+            item.kind,
+            item.key,
+            item.topic,
+            _reason_text(reason),
+            f": {hint}" if hint else "",
+            more,
+        )
 
     # ------------------------------------------------------------ paho callbacks (network thread)
 

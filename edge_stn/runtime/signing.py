@@ -169,9 +169,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         raise ConfigError(
             f"the private key is encrypted: set {PASSPHRASE_ENV} to its passphrase", path=path
         ) from None
-    except ValueError as exc:
+    except ValueError:
         raise ConfigError(
-            f"not a PEM private key (or a wrong passphrase): {_first_line(exc)}", path=path
+            "not a PEM private key, or a wrong passphrase in " + PASSPHRASE_ENV, path=path
         ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"a {type(key).__name__.removeprefix('_')}, not Ed25519", path=path)
