@@ -184,7 +184,7 @@ class HealthMonitor:
             running += 1
             idle = now - seen[1]
             if idle > lim.camera_stale_s:
-                late.append(f"{cam.camera_id} ({idle:.0f} s)")
+                late.append(f"{cam.camera_id} ({idle:.1f} s)")
         checks["cameras"] = (
             Check(False, f"no frame within {lim.camera_stale_s:g} s: {', '.join(late)}")
             if late

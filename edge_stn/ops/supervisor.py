@@ -106,11 +106,11 @@ class Supervisor:
 
     def started(self) -> None:
         """The daemon runs: metrics endpoint up, first health report, ``READY=1``."""
-        if self.server is not None:
-            self.server.start()
-        self.tick()
         n = len(self.daemon.readers)
         self.notifier.ready(f"running: {n} camera(s), broker {self.daemon.config.mqtt.broker}")
+        self.tick()  # the first health report exists before anyone can ask for it
+        if self.server is not None:
+            self.server.start()
         if self.notifier.enabled:
             logger.info(
                 "systemd: READY=1 sent%s",
