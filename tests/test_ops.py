@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -36,6 +37,8 @@ from edge_stn.ops.logs import JsonFormatter, SecretFilter
 from edge_stn.ops.sdnotify import Notifier
 from edge_stn.publish.client import PublisherLimits
 from edge_stn.publish.payloads import load_schema
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "edge-stn-dashboard.json"
 
 # ---------------------------------------------------------------- sd_notify
 
@@ -141,7 +144,7 @@ def test_watchdog_is_pinged_only_while_every_stage_is_alive(
     sock, path = notify_socket
     notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000"})
     caplog.set_level(logging.INFO, logger="edge_stn")
-    run = Running(daemon_config(tmp_path, mosquitto), notifier=notifier)
+    run = Running(daemon_config(tmp_path, mosquitto, metrics={"port": 0}), notifier=notifier)
     detector = run.daemon.detector
     release = threading.Event()
     real_detect = detector.detect
@@ -166,6 +169,10 @@ def test_watchdog_is_pinged_only_while_every_stage_is_alive(
         silent = received(sock, 2.5)
         assert "WATCHDOG=1" not in silent, silent
         assert run.daemon.supervisor.health_document()["checks"]["stages"]["ok"] is False
+        server = run.daemon.supervisor.server
+        assert server is not None
+        code, body = get(f"http://127.0.0.1:{server.port}/livez")
+        assert code == 503 and json.loads(body)["checks"]["stages"]["ok"] is False
         release.set()
         assert "WATCHDOG=1" in received(sock, 5.0, until="WATCHDOG=1"), "pings resume"
     assert "STOPPING=1" in "".join(received(sock, 0.5))
@@ -241,6 +248,11 @@ def test_metrics_and_healthz_of_a_running_daemon(mosquitto: Mosquitto, tmp_path:
             assert value(m, "edge_stn_disk_low", path=str(tmp_path / "m")) == 1
             assert value(m, "edge_stn_healthy") == 1
             assert "process_cpu_seconds_total" in m
+            # every metric the example Grafana dashboard queries exists
+            dashboard = json.loads(DASHBOARD.read_text())
+            exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+            used = set(re.findall(r"\b(?:edge_stn|process)_[a-z_]+", exprs))
+            assert len(used) > 10 and used <= set(m), used - set(m)
             (info,) = m["edge_stn_info"]
             # the status message and the metrics tell the same story
             status = wait_until(lambda: sub.on(lambda x: x.topic.endswith("/status")), 5)
@@ -266,11 +278,14 @@ def test_metrics_and_healthz_of_a_running_daemon(mosquitto: Mosquitto, tmp_path:
             code, doc = healthz(port)
             assert code == 503 and doc["healthy"] is False
             assert "unreachable for" in doc["checks"]["broker"]["detail"]
+            live_code, live = get(f"http://127.0.0.1:{port}/livez")
+            assert live_code == 200 and json.loads(live)["alive"] is True  # no restart for that
             assert value(scrape(port), "edge_stn_mqtt_connected") == 0
             mosquitto.start()
             assert wait_until(lambda: healthz(port)[0] == 200, 20), healthz(port)
             assert value(scrape(port), "edge_stn_mqtt_reconnects_total") >= 1
             assert get(f"http://127.0.0.1:{port}/nothing")[0] == 404
+            assert get(f"http://127.0.0.1:{port}/livez")[0] == 200
     finally:
         sub.close()
     with pytest.raises(OSError):  # the endpoint closed with the daemon

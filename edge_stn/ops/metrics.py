@@ -9,7 +9,8 @@ from prometheus_client's process collector.
 
 The endpoint is a small threaded ``http.server`` on ``metrics.host:metrics.port`` (thread
 ``edge-stn.metrics``). ``/healthz`` answers 200 with the health report as JSON when healthy and
-503 with the same document when not (see :mod:`edge_stn.ops.health`).
+503 with the same document when not (see :mod:`edge_stn.ops.health`). ``/livez`` answers 200
+or 503 on the stage loops alone (what the systemd watchdog checks): the probe to restart on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from edge_stn.ops.host import ClockStatus, DiskStatus
 
 logger = logging.getLogger(__name__)
 
+LIVENESS_CHECKS = ("stages", "supervisor")
+"""What ``/livez`` looks at: the stage loops and the supervisor, as the systemd watchdog does.
+A restart fixes a hung daemon, not a dead camera or a broker outage (those are ``/healthz``)."""
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -262,10 +266,27 @@ class _Handler(BaseHTTPRequestHandler):
                     json.dumps(doc).encode() + b"\n",
                     "application/json",
                 )
+            elif path == "/livez":
+                doc = self.server.health()
+                checks = doc.get("checks", {})
+                alive = all(checks.get(k, {}).get("ok", True) for k in LIVENESS_CHECKS)
+                live = {
+                    "alive": alive and bool(checks),
+                    "checks": {k: checks[k] for k in LIVENESS_CHECKS if k in checks},
+                }
+                self._send(
+                    200 if live["alive"] else 503,
+                    json.dumps(live).encode() + b"\n",
+                    "application/json",
+                )
             elif path == "/":
-                self._send(200, b"edge-stn: /metrics /healthz\n", "text/plain; charset=utf-8")
+                self._send(
+                    200, b"edge-stn: /metrics /healthz /livez\n", "text/plain; charset=utf-8"
+                )
             else:
-                self._send(404, b"not found: /metrics /healthz\n", "text/plain; charset=utf-8")
+                self._send(
+                    404, b"not found: /metrics /healthz /livez\n", "text/plain; charset=utf-8"
+                )
         except Exception:  # a bug in a collector must not end the server
             logger.exception("metrics endpoint: %s failed", path)
             self._send(500, b"internal error\n", "text/plain; charset=utf-8")
