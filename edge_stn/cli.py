@@ -198,6 +198,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(Path(args.config))
 
 
+def cmd_sign_model(args: argparse.Namespace) -> int:
+    from edge_stn.runtime import signing
+
+    if args.new_key:
+        key = signing.new_private_key()
+        signing.write_private_key(key, Path(args.new_key))
+        print(f"wrote {args.new_key} (Ed25519 private key, mode 0600: keep it off the gateways)")
+        print("public key for model.trust.public_keys in the gateway config:")
+        print(f"  {signing.public_key_text(key.public_key())}")
+        if not args.model:
+            return 0
+    if not args.model:
+        raise UsageError("sign-model: give a MODEL to sign, or --new-key FILE")
+    if not args.key and not args.new_key:
+        raise UsageError("sign-model: --key PRIVATE_KEY is required")
+    if not Path(args.model).is_file():
+        raise EdgeStnError("no such model file", path=args.model)
+    key = signing.load_private_key(Path(args.new_key or args.key))
+    sig = signing.sign_model(Path(args.model), key, Path(args.out) if args.out else None)
+    kid = signing.key_id(key.public_key())
+    print(f"signed {args.model} with key {kid}: {sig}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edge_stn.demo import run_demo
 
@@ -337,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the gateway daemon: cameras -> ST-CNN -> MQTT")
     r.add_argument("--config", required=True, help="daemon YAML (configs/gateway.yaml)")
     r.set_defaults(func=cmd_run)
+
+    sm = sub.add_parser(
+        "sign-model",
+        help="sign a model (Ed25519) for gateways whose config requires signatures",
+        description="Writes MODEL.sig beside the model. --new-key makes a key pair first and "
+        "prints the public key for model.trust.public_keys.",
+    )
+    sm.add_argument("model", nargs="?", help="the .onnx to sign")
+    sm.add_argument("--key", help="Ed25519 private key (PEM, PKCS#8)")
+    sm.add_argument("--new-key", metavar="FILE", help="make a new private key in FILE (0600)")
+    sm.add_argument("--out", help="signature file (default: MODEL.sig)")
+    sm.set_defaults(func=cmd_sign_model)
 
     d = sub.add_parser(
         "demo", help="daemon + private broker + synthetic camera + subscriber, with accuracy"

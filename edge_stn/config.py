@@ -193,6 +193,60 @@ def _default_providers() -> list[TensorRTProvider | CudaProvider | CpuProvider]:
     return [TensorRTProvider(), CudaProvider(), CpuProvider()]
 
 
+# ---------------------------------------------------------------- model trust (issue 7)
+
+_B64_KEY = re.compile(r"^[A-Za-z0-9+/]{43}=$")
+
+
+def _public_key(value: str) -> str:
+    """An Ed25519 public key: 44 characters of base64 (32 bytes), as ``edge-stn sign-model
+    --new-key`` prints it, or a PEM ``PUBLIC KEY`` block."""
+    text = value.strip()
+    if text.startswith("-----BEGIN PUBLIC KEY-----") or _B64_KEY.fullmatch(text):
+        return text
+    raise ValueError(
+        "expected an Ed25519 public key: 44 characters of base64 (as `edge-stn sign-model "
+        "--new-key` prints it) or a PEM PUBLIC KEY block"
+    )
+
+
+TrustMode = Literal["none", "signature", "allowlist", "either"]
+
+
+class ModelTrustConfig(Section):
+    """Which model files the daemon agrees to run (checked before ONNX Runtime parses them)."""
+
+    require: TrustMode = Field(
+        "none",
+        description="'signature': the model needs a valid Ed25519 signature <model>.sig by one "
+        "of the public keys; 'allowlist': its sha256 must be in allowed_sha256; 'either': one "
+        "of the two; 'none': any file (the sha256 pin and the sidecar still apply)",
+    )
+    public_keys: list[Annotated[str, AfterValidator(_public_key)]] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (base64 of the 32 raw bytes, or PEM) whose signatures "
+        "are accepted; several for key rotation",
+    )
+    public_key_files: list[ConfigPath] = Field(
+        default_factory=list,
+        description="files holding one Ed25519 public key each (PEM or one base64 line)",
+    )
+    allowed_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]] = Field(
+        default_factory=list, description="sha256 of model files accepted without a signature"
+    )
+
+    @model_validator(mode="after")
+    def _usable(self) -> ModelTrustConfig:
+        keys = bool(self.public_keys or self.public_key_files)
+        if self.require == "signature" and not keys:
+            raise ValueError("require 'signature' needs public_keys or public_key_files")
+        if self.require == "allowlist" and not self.allowed_sha256:
+            raise ValueError("require 'allowlist' needs allowed_sha256")
+        if self.require == "either" and not (keys or self.allowed_sha256):
+            raise ValueError("require 'either' needs public keys or allowed_sha256")
+        return self
+
+
 class ModelConfig(Section):
     path: ConfigPath | None = Field(
         None,
@@ -212,6 +266,16 @@ class ModelConfig(Section):
     )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads on the CPU (0: one per core)"
+    )
+    trust: ModelTrustConfig = Field(
+        default_factory=ModelTrustConfig,
+        description="signature or sha256 allow-list a model file needs before it is loaded",
+    )
+    fallback_dir: ConfigPath | None = Field(
+        None,
+        description="folder where the daemon keeps a copy of the last model that loaded and "
+        "warmed up; if a new model fails to load or warm up, that one runs instead "
+        "(absent: no fallback)",
     )
 
     @field_validator("providers")
@@ -656,6 +720,45 @@ class OutboxConfig(Section):
         return default_state_dir() / f"outbox-{device_id}.sqlite"
 
 
+# ---------------------------------------------------------------- operations (issue 7)
+
+
+class MetricsConfig(Section):
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="address the HTTP endpoint listens on (0.0.0.0: every interface, for a "
+        "Prometheus elsewhere or a container)",
+    )
+    port: int = Field(
+        9108, ge=0, le=65535, description="port of /metrics and /healthz (0: any free port)"
+    )
+
+
+class HealthConfig(Section):
+    camera_stale_s: float = Field(
+        10.0,
+        gt=0,
+        description="unhealthy when a running camera has produced no frame for this long (N)",
+    )
+    broker_grace_s: float = Field(
+        60.0,
+        gt=0,
+        description="unhealthy when the broker has been unreachable for this long (M)",
+    )
+    outbox_max_percent: float = Field(
+        90.0,
+        gt=0,
+        le=100,
+        description="unhealthy when the outbox (messages awaiting the broker) is fuller (X)",
+    )
+    min_free_mb: float = Field(
+        100.0,
+        ge=0,
+        description="report a disk as full when less than this is free where the daemon writes",
+    )
+
+
 # ---------------------------------------------------------------- the daemon
 
 
@@ -679,6 +782,16 @@ class DaemonConfig(Section):
     )
     stats_interval_s: float = Field(
         10.0, ge=1.0, le=3600.0, description="seconds between two stats messages"
+    )
+    metrics: MetricsConfig | None = Field(
+        None,
+        description="HTTP endpoint with Prometheus /metrics and /healthz (absent: off)",
+    )
+    health: HealthConfig = Field(
+        default_factory=HealthConfig, description="what /healthz and stats call healthy"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or one JSON object per line"
     )
 
     @field_validator("cameras")
@@ -879,19 +992,24 @@ def config_hash(cfg: DaemonConfig) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _model_problem(path: Path, sha256: str | None) -> str | None:
-    """Why the daemon would refuse the model file (metadata contract, sha256), or None."""
+def _model_problem(path: Path, sha256: str | None, trust: ModelTrustConfig) -> str | None:
+    """Why the daemon would refuse the model file (sha256, signature or allow-list, metadata
+    contract), or None."""
     from edge_stn.errors import EdgeStnError, MissingExtraError
     from edge_stn.runtime.metadata import file_sha256, read_model_metadata
+    from edge_stn.runtime.signing import check_model_trust
 
+    actual = file_sha256(path)
+    if sha256 is not None and actual != sha256.lower():
+        return "the daemon will refuse it: its sha256 differs from model.sha256"
     try:
+        check_model_trust(path, actual, trust)
         read_model_metadata(path)
     except MissingExtraError as exc:
         return f"not checked: {exc.detail}"
     except EdgeStnError as exc:
-        return f"the daemon will refuse it: {exc.detail}"
-    if sha256 is not None and file_sha256(path) != sha256.lower():
-        return "the daemon will refuse it: its sha256 differs from model.sha256"
+        where = f"{exc.key}: " if exc.key else ""
+        return f"the daemon will refuse it: {where}{exc.detail}"
     return None
 
 
@@ -908,7 +1026,7 @@ def check_config(cfg: DaemonConfig) -> list[str]:
         what = "the bundled demo model is not installed" if cfg.model.is_bundled else "no such file"
         out.append(f"model.path: {what} ({model_path}): the daemon will not start")
     else:
-        problem = _model_problem(model_path, cfg.model.sha256)
+        problem = _model_problem(model_path, cfg.model.sha256, cfg.model.trust)
         if problem:
             out.append(f"model.path: {problem}")
     if mq.protocol == "v311":

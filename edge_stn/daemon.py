@@ -14,22 +14,26 @@ Threads, named so a stack dump tells who is who:
 * ``edge-stn.publisher``: cuts the canonical crops (:mod:`edge_stn.detect.crops`) and hands the
   result and its crops to :class:`~edge_stn.publish.client.MqttPublisher` (paho's own network
   thread does the rest).
-* ``edge-stn.model-loader``: builds an :class:`~edge_stn.runtime.engine.Engine` (ONNX Runtime
-  session and warm-up) at start-up and after a reload that changes the model, so signals are
-  handled meanwhile (a TensorRT engine build takes minutes).
-* the caller's thread (:meth:`Daemon.run`): the readers' stall watchdog once a second, the
-  ``stats`` message every ``stats_interval_s``, signals, and config reloads.
+* ``edge-stn.model-loader``: builds an :class:`~edge_stn.runtime.engine.Engine` (trust check,
+  ONNX Runtime session and warm-up) at start-up and after a reload that changes the model, so
+  signals are handled meanwhile (a TensorRT engine build takes minutes).
+* the caller's thread (:meth:`Daemon.run`): the readers' stall watchdog and the operations
+  supervisor (:mod:`edge_stn.ops.supervisor`: stage heartbeats, systemd notify and watchdog,
+  health, metrics) once a second, the ``stats`` message every ``stats_interval_s``, signals,
+  and config reloads. It goes on while a model loads.
 
 Start-up (:func:`run_daemon`): the config is validated; file cameras are opened once, and when
 every camera is a file that cannot be read the daemon refuses to start (exit code 2, one line
 naming the source and the problem; a camera that fails among others is logged, counted in its
-stats and the others go on); the model is loaded and warmed up on the loader thread while
-SIGTERM/SIGINT are already handled (a stop then exits 0 at once). Then the stages start
-downstream first: publisher (connects in the background), publisher stage, detector stage,
-readers; they stop in reverse, on one stop event: the readers end, the detector finishes its
-batch, the publisher stage drains the queue, and the publisher sends ``offline`` and
-disconnects. When every camera has ended (files without ``loop``) the daemon drains the same
-way and :meth:`Daemon.run` returns 0.
+stats and the others go on); the model is checked (``model.sha256``, ``model.trust``: a refusal
+is exit code 2), loaded and warmed up on the loader thread while SIGTERM/SIGINT are already
+handled (a stop then exits 0 at once); a model that fails to load or warm up is replaced by the
+last good one kept in ``model.fallback_dir`` (:mod:`edge_stn.runtime.fallback`). Then the
+stages start downstream first: publisher (connects in the background), publisher stage,
+detector stage, readers, and systemd hears ``READY=1``; they stop in reverse, on one stop
+event: the readers end, the detector finishes its batch, the publisher stage drains the queue,
+and the publisher sends ``offline`` and disconnects. When every camera has ended (files without
+``loop``) the daemon drains the same way and :meth:`Daemon.run` returns 0.
 
 SIGHUP re-reads and validates the config file and applies it while running:
 
@@ -38,12 +42,14 @@ SIGHUP re-reads and validates the config file and applies it while running:
   a change of only ``proposals`` or ``roi`` applies without touching its reader, and unchanged
   cameras are not disturbed;
 * ``detection``, ``crops`` (all of it) and ``stats_interval_s`` apply from the next frame;
-* ``model``: the new model is loaded and warmed up on the loader thread while the running one
-  goes on, and swapped in only when that succeeded; otherwise the running model stays and the
-  log says why. Results name the model that produced them, and the retained ``online`` status
-  is published again with the new model and config hash;
-* ``device_id`` and ``mqtt`` need a restart (they define the MQTT session and topics): a reload
-  that changes them says so in the log and keeps the running values.
+* ``model``: the new model is checked (sha256, trust), loaded and warmed up on the loader thread
+  while the running one goes on, and swapped in only when that succeeded (it then becomes the
+  last good model of ``model.fallback_dir``); otherwise the running model stays and the log
+  says why. Results name the model that produced them, and the retained ``online`` status is
+  published again with the new model and config hash;
+* ``device_id``, ``mqtt`` and ``outbox`` need a restart (they define the MQTT session, its
+  topics and its queue): a reload that changes them says so in the log and keeps the running
+  values.
 
 A config that does not validate is logged in one line and the running config is kept.
 
@@ -77,11 +83,16 @@ from edge_stn.config import (
 from edge_stn.detect.crops import EncodedCrop, canonical_crop, encode_jpeg
 from edge_stn.detect.detector import Detector
 from edge_stn.errors import EdgeStnError, SourceError
+from edge_stn.ops.health import Heartbeats
+from edge_stn.ops.logs import config_secrets, configure_logging
+from edge_stn.ops.sdnotify import Notifier
+from edge_stn.ops.supervisor import Supervisor
 from edge_stn.publish.client import MqttPublisher, PublishedResult, PublisherLimits
 from edge_stn.publish.payloads import ModelInfo, stats_document
 from edge_stn.publish.stats import LatencyWindow, ProcessMeter
 from edge_stn.records import Frame, FrameResult
-from edge_stn.runtime.engine import Engine
+from edge_stn.runtime.engine import Engine, verify_model_file
+from edge_stn.runtime.fallback import FallbackStore, open_engine
 from edge_stn.video.factory import file_camera_problems, make_reader
 from edge_stn.video.reader import CameraReader
 
@@ -107,11 +118,15 @@ class StartupInterrupted(Exception):
 
 
 class ModelLoad:
-    """An :class:`Engine` built (session and warm-up) on a thread of its own, so the caller
-    stays responsive to signals. The thread is a daemon thread: a stop does not wait for it."""
+    """An :class:`Engine` built (trust check, session and warm-up) on a thread of its own, so
+    the caller stays responsive to signals. The thread is a daemon thread: a stop does not wait
+    for it. With ``fallback`` (start-up) a model that fails to load or warm up is replaced by
+    the last good one of ``model.fallback_dir`` (:func:`~edge_stn.runtime.fallback.open_engine`);
+    without it (a reload) the failure is the result, and the running model stays."""
 
-    def __init__(self, model: ModelConfig) -> None:
+    def __init__(self, model: ModelConfig, *, fallback: bool = False) -> None:
         self.model = model
+        self.fallback = fallback
         self.started = time.monotonic()
         self._done = threading.Event()
         self._engine: Engine | None = None
@@ -121,7 +136,7 @@ class ModelLoad:
 
     def _load(self) -> None:
         try:
-            self._engine = Engine(self.model)
+            self._engine = open_engine(self.model) if self.fallback else Engine(self.model)
         except BaseException as exc:  # handed to whoever waits for the result
             self._error = exc
         finally:
@@ -144,10 +159,13 @@ class ModelLoad:
         return self._engine
 
 
-def load_engine(model: ModelConfig, stop: threading.Event | None = None) -> Engine:
-    """Load and warm up ``model`` on the loader thread; raises :class:`StartupInterrupted` as
-    soon as ``stop`` is set (the load is abandoned), and the load's own error otherwise."""
-    load = ModelLoad(model)
+def load_engine(
+    model: ModelConfig, stop: threading.Event | None = None, *, fallback: bool = False
+) -> Engine:
+    """Load and warm up ``model`` on the loader thread (see :class:`ModelLoad`); raises
+    :class:`StartupInterrupted` as soon as ``stop`` is set (the load is abandoned), and the
+    load's own error otherwise."""
+    load = ModelLoad(model, fallback=fallback)
     while not load.wait(0.05):
         if stop is not None and stop.is_set():
             raise StartupInterrupted(f"stopped while loading the model {model.model_path}")
@@ -228,10 +246,11 @@ class Daemon:
 
     Construction does every start-up check that can fail on bad input, so an error is an
     :class:`~edge_stn.errors.EdgeStnError` before any thread runs: the model (missing, corrupt,
-    without metadata, sha256 mismatch), the sources (no camera can be read: every one a video
-    file that is missing or unreadable), TLS files. Without ``engine`` the model is loaded on
-    the loader thread, and a ``stop_event`` set meanwhile raises :class:`StartupInterrupted`.
-    ``config_path`` is what SIGHUP re-reads.
+    without metadata, sha256 mismatch, unsigned or not allow-listed under ``model.trust``; a
+    model that only fails to load or warm up falls back to the last good one), the sources (no
+    camera can be read: every one a video file that is missing or unreadable), TLS files.
+    Without ``engine`` the model is loaded on the loader thread, and a ``stop_event`` set
+    meanwhile raises :class:`StartupInterrupted`. ``config_path`` is what SIGHUP re-reads.
     """
 
     def __init__(
@@ -245,6 +264,7 @@ class Daemon:
         on_published: Callable[[PublishedResult], None] | None = None,
         stop_event: threading.Event | None = None,
         reload_event: threading.Event | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.config_path = Path(config_path) if config_path is not None else None
@@ -253,9 +273,13 @@ class Daemon:
         self._reload_requested = reload_event if reload_event is not None else threading.Event()
         self._on_published = on_published
         check_cameras(config.cameras)
+        notifier = notifier if notifier is not None else Notifier()
         if engine is None:
+            verify_model_file(config.model)  # a refusal is one line, before any log or thread
             logger.info("loading the model %s", config.model.model_path)
-            engine = load_engine(config.model, self.stop_event)
+            notifier.status(f"loading the model {config.model.model_path}")
+            # a model that fails to load or warm up falls back to the last good one
+            engine = load_engine(config.model, self.stop_event, fallback=True)
         self.engine = engine
         self._stage = _Stage(self._make_detector(engine, config), model_info(engine))
         self._loading: ModelLoad | None = None
@@ -288,6 +312,9 @@ class Daemon:
         self.started_at = self.publisher.info.started_at
         self._last_processed: dict[str, int] = {}
         self._last_stats_ts = self.started_at
+        # Operations (issue 7): stage heartbeats, systemd notify/watchdog, health, metrics.
+        self.heartbeats = Heartbeats(("detector", "publisher"))
+        self.supervisor = Supervisor(self, notifier)
 
     @staticmethod
     def _make_detector(engine: Engine, config: DaemonConfig) -> Detector:
@@ -363,7 +390,9 @@ class Daemon:
         deadline = time.monotonic() + timeout
         self.request_stop()
         if not self._started:
+            self.supervisor.close()
             return
+        self.supervisor.stopping()
         for reader in reversed(self.readers):
             # A reader stuck in a C call is abandoned (daemon thread), never waited for.
             if not reader.join(max(0.0, min(0.5, deadline - time.monotonic()))):
@@ -373,6 +402,7 @@ class Daemon:
         if self._publisher_thread.is_alive():
             logger.warning("the publisher stage did not drain in time; queued results lost")
         self.publisher.stop(timeout=max(0.5, deadline - time.monotonic() - 0.2))
+        self.supervisor.close()
         counters = self.publisher.counters()
         logger.info(
             "daemon %s stopped: %d results published, %d dropped",
@@ -391,14 +421,17 @@ class Daemon:
             if self.stop_event.is_set():  # stopped before it started: nothing to undo
                 logger.info("stop requested before the daemon started")
                 self._stopped = True
+                self.supervisor.close()
                 return 0
             self.start()
+            self.supervisor.started()
             deadline = None if duration_s is None else time.monotonic() + duration_s
             next_stats = time.monotonic() + self._stats_interval_s
             while not self.stop_event.is_set() and not self.finished:
                 self.stop_event.wait(min(1.0, self._stats_interval_s))
                 for reader in self.readers:
                     reader.watchdog()
+                self.supervisor.tick()
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()
                     self.reload()
@@ -429,10 +462,12 @@ class Daemon:
             logger.warning("SIGHUP: no config file to reload")
             return False
         logger.info("SIGHUP: reloading %s", self.config_path)
+        self.supervisor.notifier.reloading()
         try:
             new = load_config(self.config_path)
         except EdgeStnError as exc:
             logger.error("SIGHUP: config not reloaded, keeping the running one: %s", exc)
+            self.supervisor.notifier.ready()
             return False
         old = self.config
         restart = [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
@@ -446,6 +481,7 @@ class Daemon:
         self._reload_model(new.model)
         # Until a new model is swapped in, the running config names the running model.
         self._apply(new.model_copy(update={"model": old.model}))
+        self.supervisor.notifier.ready()
         return True
 
     def _reload_model(self, wanted: ModelConfig) -> None:
@@ -478,10 +514,11 @@ class Daemon:
         try:
             engine = load.result()
             detector = self._make_detector(engine, self.config)
-        except Exception as exc:
-            self._model_load_failures += 1
+        except Exception as exc:  # refused (trust, sha256), corrupt, or the warm-up failed
+            with self._lock:
+                self._model_load_failures += 1
             logger.error(
-                "SIGHUP: model not swapped, keeping %s (sha256 %s...): %s",
+                "SIGHUP: new model refused, keeping %s (sha256 %s...): %s",
                 self.engine.name,
                 self.engine.sha256[:12],
                 exc,
@@ -503,6 +540,11 @@ class Daemon:
             previous.name,
             previous.sha256[:12],
         )
+        if load.model.fallback_dir is not None:
+            try:
+                FallbackStore(load.model.fallback_dir).keep(engine)  # the new last good model
+            except Exception:  # best effort: the swap stands without a copy
+                logger.exception("cannot keep model %s for fallback", engine.path)
 
     def _apply(self, new: DaemonConfig) -> None:
         """Apply a reloaded config (device id, MQTT and model already settled)."""
@@ -570,10 +612,12 @@ class Daemon:
     def _detector_loop(self) -> None:
         try:
             while True:
+                self.heartbeats.beat("detector")
                 self._wakeup.clear()  # before polling: a put after this sets it again
                 frames = self._next_frames()
                 if not frames:
                     if self.stop_event.is_set() or all(r.finished for r in self.readers):
+                        self.heartbeats.done("detector")
                         break
                     self._wakeup.wait(0.2)
                     continue
@@ -587,8 +631,11 @@ class Daemon:
                     logger.exception("detector failed on a batch of %d frame(s)", len(frames))
                     continue
                 crop_size = stage.detector.crop_size
+                metrics = self.supervisor.metrics
                 for i, (result, frame) in enumerate(zip(results, frames, strict=True)):
                     self._detect_ms.add(result.detect_ms)
+                    if metrics is not None:
+                        metrics.observe_detect(result.camera_id, result.detect_ms)
                     with self._lock:
                         cid = result.camera_id
                         self._processed[cid] = self._processed.get(cid, 0) + 1
@@ -607,6 +654,7 @@ class Daemon:
             return
         # A file waits for room: every frame of a file yields a result.
         while True:
+            self.heartbeats.beat("detector")  # waiting for room is progress, not a hang
             try:
                 self._queue.put(work, timeout=0.1)
                 return
@@ -638,8 +686,13 @@ class Daemon:
 
     def _publisher_loop(self) -> None:
         while True:
-            item = self._queue.get()
+            self.heartbeats.beat("publisher")
+            try:
+                item = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
             if item is _END:
+                self.heartbeats.done("publisher")
                 return
             assert isinstance(item, _Work)
             # After a stop request, what is queued gets a short wait for room, not the full one.
@@ -665,6 +718,8 @@ class Daemon:
                     self._publish_drops += 1
                 continue
             self._publish_ms.add(published.publish_ms)
+            if self.supervisor.metrics is not None:
+                self.supervisor.metrics.observe_publish(item.result.camera_id, published.publish_ms)
             if self._on_published is not None:
                 self._on_published(published)
 
@@ -674,6 +729,19 @@ class Daemon:
     def queue_drops(self) -> int:
         with self._lock:
             return self._queue_drops
+
+    def drop_counts(self) -> dict[str, int]:
+        """Results and frames dropped by the daemon's stages, by stage, and models a reload
+        could not swap in, since start (the ``drops`` of stats and the metrics)."""
+        with self._lock:
+            drops = {
+                "result_queue": self._queue_drops,
+                "publish": self._publish_drops,
+                "stage_errors": self._stage_errors,
+                "model_load_failures": self._model_load_failures,
+            }
+        drops["detector_frame_errors"] = self.detector.stats.frame_errors
+        return drops
 
     def processed(self) -> dict[str, int]:
         """Frames processed by the detector, per camera, since start."""
@@ -686,11 +754,7 @@ class Daemon:
         now = time.time()
         with self._lock:
             processed = dict(self._processed)
-            drops = {
-                "result_queue": self._queue_drops,
-                "publish": self._publish_drops,
-                "stage_errors": self._stage_errors,
-            }
+        drops = self.drop_counts()
         previous, last_ts = self._last_processed, self._last_stats_ts
         elapsed = max(1e-6, now - last_ts)
         self._last_processed, self._last_stats_ts = processed, now
@@ -712,9 +776,6 @@ class Daemon:
                 "live": reader.is_live,
                 "failed": s.state == "failed",
             }
-        det = self.detector.stats
-        drops["detector_frame_errors"] = det.frame_errors
-        drops["model_load_failures"] = self._model_load_failures
         return stats_document(
             device=self.config.device_id,
             epoch=self.publisher.epoch,
@@ -730,6 +791,7 @@ class Daemon:
             mqtt=self.publisher.counters().to_dict(),
             drops=drops,
             process=self._meter.sample(),
+            health=self.supervisor.health_summary(),
         )
 
     def publish_stats(self) -> bool:
@@ -746,6 +808,7 @@ def run_daemon(config_path: str | Path) -> int:
     SIGTERM/SIGINT are handled from the start: a stop while the model loads exits 0 at once.
     """
     cfg = load_config(config_path)
+    configure_logging(cfg.log_format, config_secrets(cfg))
     stop, reload = threading.Event(), threading.Event()
     previous = handle_signals(stop.set, reload.set)
     try:

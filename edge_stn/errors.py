@@ -43,6 +43,12 @@ class ModelError(EdgeStnError):
     """An ONNX model is missing, unreadable or breaks the model file contract."""
 
 
+class ModelIntegrityError(ModelError):
+    """A model file is refused before it is parsed: missing, another sha256 than pinned or
+    recorded in its sidecar, unsigned, mis-signed or not allow-listed. The daemon never falls
+    back to a previous model for these (they are bad input, not a failed load)."""
+
+
 class ExportError(EdgeStnError):
     """An export failed one of its checks; no model file was left behind."""
 

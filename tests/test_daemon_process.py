@@ -440,7 +440,7 @@ def test_reload_applies_cameras_settings_and_model_live(
             model={"path": str(junk), "providers": ["cpu"]},
         )
         daemon.request_reload()
-        assert wait_until(lambda: "model not swapped, keeping tc-stcnn" in caplog.text, 20)
+        assert wait_until(lambda: "new model refused, keeping tc-stcnn" in caplog.text, 20)
         assert daemon.engine.sha256 == tc_sha and daemon.config.model.path == tc
         n = len(results(sub, "a"))
         assert wait_until(lambda: len(results(sub, "a")) >= n + 2, 10)

@@ -438,7 +438,12 @@ def test_a_message_the_broker_drops_the_connection_for_is_dead_lettered(
             pub.publish_result(frame_result(index=i, n=0))
         assert wait_until(lambda: len(result_seqs(sub)) == 6, 30)
         c = pub.counters()
-        assert (c.crops.refused, c.results.refused) == (1, 0)
+        assert c.crops.refused == 1
+        # The crop's result is handed just before it: when mosquitto closes the connection on
+        # the crop before it has flushed the result's PUBACK (a loaded machine), the result is
+        # the oldest in flight at each drop and is dead-lettered too, although delivered (seq 0
+        # is received below). Nothing else may be.
+        assert c.results.refused <= 1
         assert c.reconnects >= 2
     finally:
         pub.stop()

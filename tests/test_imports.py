@@ -34,6 +34,11 @@ TORCH_FREE = [
     "edge_stn.subscriber",
     "edge_stn.accuracy",
     "edge_stn.daemon",
+    "edge_stn.ops.supervisor",
+    "edge_stn.ops.metrics",
+    "edge_stn.ops.logs",
+    "edge_stn.runtime.signing",
+    "edge_stn.runtime.fallback",
     "edge_stn.demo",
 ]
 HEAVY = ["torch", "mlxtend", "matplotlib", "onnx", "tqdm"]

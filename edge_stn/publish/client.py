@@ -105,6 +105,17 @@ _CONNACK_HINTS = {
     0x8C: "check the authentication method the broker expects",
 }
 
+# PUBACK reason codes >= 0x80 -> what to check (issue 7: a refusal is a clear error).
+_REFUSAL_HINTS = {
+    0x87: "not authorized by the broker's ACL: with deploy/mosquitto/acl a gateway may only "
+    "publish under <prefix>/<its user name>/#, so mqtt.username must equal device_id",
+    0x90: "the broker refused the topic name",
+    0x95: "the message exceeds the broker's maximum packet size",
+    0x97: "the broker's quota is exceeded",
+}
+REFUSAL_LOG_EVERY_S = 60.0
+"""A refused publish is logged at most this often per reason code; each one is counted."""
+
 
 class JpegCrop(Protocol):
     """A detection's encoded crop: :class:`edge_stn.detect.crops.EncodedCrop` fits.
@@ -310,6 +321,10 @@ class MqttPublisher:
         self._refused_attempt = False
         self._last_error: str | None = None
         self._write_error: str | None = None
+        # refusals logged per reason code: (last logged, refused since); own lock, never held
+        # while logging
+        self._refusal_log: dict[int, tuple[float | None, int]] = {}
+        self._refusal_lock = threading.Lock()
         self._connected = threading.Event()
         self._started = False
         self._stopping = False
@@ -868,8 +883,11 @@ class MqttPublisher:
             self._outbox_payload = self.outbox.payload_bytes
             self._outbox_live = self.outbox.live_bytes
             self._wake.notify_all()
+        # A broker's refusal was logged when it came (rate-limited, _log_refusal): its dead
+        # letters are details, or an ACL that refuses everything would flood the log.
+        refused = {(s.code, s.reason) for s in settled if s.code >= 0x80}
         for d in report.dead:
-            logger.warning(
+            (logger.debug if (d.code, d.reason) in refused else logger.warning)(
                 "MQTT: %s %s%s on %s dead-lettered: %s (0x%02x)",
                 d.kind,
                 d.result_id,
@@ -1002,19 +1020,23 @@ class MqttPublisher:
                 else:
                     self._counts[kind].dropped += 1
             return None
-        with self._wake:
-            if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-                if row is None:
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            if row is None:
+                with self._lock:
                     self._counts[kind].dropped += 1
-                    logger.warning("MQTT: paho's queue is full; %s on %s dropped", kind, topic)
-                return None
+                logger.warning("MQTT: paho's queue is full; %s on %s dropped", kind, topic)
+            return None
+        refused: tuple[_InFlight, ReasonCode] | None = None
+        with self._wake:
             # Any other return code (NO_CONN included): paho holds the message and sends it
             # after the next connect.
             self._counts[kind].published += 1
             item = _InFlight(kind, row, topic, key, handed_at)
             early = self._early.pop(info.mid, None)
             if early is not None and early[0] >= handed_at:
-                self._settle(item, early[1])  # acknowledged before publish() returned
+                # acknowledged before publish() returned
+                if self._settle(item, early[1]):
+                    refused = (item, early[1])
             else:
                 self._inflight[info.mid] = item
                 if row is not None:
@@ -1023,27 +1045,24 @@ class MqttPublisher:
                 stale = handed_at - EARLY_ACK_TTL_S
                 for mid in [m for m, (t, _) in self._early.items() if t < stale]:
                     del self._early[mid]
-            return info.mid
+        if refused is not None:
+            self._log_refusal(*refused)
+        return info.mid
 
-    def _settle(self, item: _InFlight, reason: ReasonCode) -> None:
+    def _settle(self, item: _InFlight, reason: ReasonCode) -> bool:
         """(lock held) A message's fate is known: stored rows go to the outbox (deleted, or
-        dead-lettered on a refusal) at the sender's next write."""
+        dead-lettered on a refusal) at the sender's next write. Returns whether the broker
+        refused it: the caller logs that (:meth:`_log_refusal`) after releasing the lock."""
         counts = self._counts[item.kind]
         if reason.is_failure:
-            if item.row is None:
+            if item.row is None:  # stored rows are counted when dead-lettered
                 counts.refused += 1
-            logger.warning(
-                "MQTT: the broker refused %s %s on %s: %s",
-                item.kind,
-                item.key,
-                item.topic,
-                _reason_text(reason),
-            )
         else:
             counts.acked += 1
         if item.row is not None:
             self._settled.append(Settlement(item.row, reason.value, _reason_text(reason)))
         self._wake.notify_all()
+        return bool(reason.is_failure)
 
     def _renew_client(self) -> None:
         """Replace paho's client, so that a dead-lettered message it still holds is not resent;
@@ -1098,6 +1117,30 @@ class MqttPublisher:
         finally:
             self.outbox.close()
 
+    def _log_refusal(self, item: _InFlight, reason: ReasonCode) -> None:
+        """A refused publish, logged at most once per :data:`REFUSAL_LOG_EVERY_S` per reason
+        code with the count in between (an ACL that refuses everything must not flood the
+        log); every refusal is counted (:meth:`_settle`, the outbox's dead letters). Called
+        without the publisher's lock (paho's network thread, or the sender's early PUBACK)."""
+        now = time.monotonic()
+        with self._refusal_lock:
+            last, suppressed = self._refusal_log.get(reason.value, (None, 0))
+            if last is not None and now - last < REFUSAL_LOG_EVERY_S:
+                self._refusal_log[reason.value] = (last, suppressed + 1)
+                return
+            self._refusal_log[reason.value] = (now, 0)
+        hint = _REFUSAL_HINTS.get(reason.value, "")
+        more = f" ({suppressed} more refused like this since the last report)" if suppressed else ""
+        logger.error(
+            "MQTT: the broker refused %s %s on %s: %s%s%s",
+            item.kind,
+            item.key,
+            item.topic,
+            _reason_text(reason),
+            f": {hint}" if hint else "",
+            more,
+        )
+
     # ------------------------------------------------------------ paho callbacks (network thread)
 
     def _on_publish(
@@ -1117,7 +1160,9 @@ class MqttPublisher:
                 return
             if item.row is not None:
                 self._rows_inflight -= 1
-            self._settle(item, reason_code)
+            refused = self._settle(item, reason_code)
+        if refused:  # logged outside the lock: a slow log must not stall the sender
+            self._log_refusal(item, reason_code)
 
     def _on_connect(
         self,

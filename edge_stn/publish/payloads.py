@@ -247,6 +247,7 @@ def stats_document(
     mqtt: Mapping[str, Any],
     drops: Mapping[str, int] | None = None,
     process: Mapping[str, Any] | None = None,
+    health: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The periodic health document.
 
@@ -256,7 +257,9 @@ def stats_document(
     :func:`percentile_summary`; ``mqtt``: the publisher's counters
     (:meth:`edge_stn.publish.client.PublisherCounters.to_dict`); ``drops``: drops of the
     daemon's stages by name; ``process``: ``cpu_percent``, ``rss_bytes``, ... of this process
-    (:class:`edge_stn.publish.stats.ProcessMeter`).
+    (:class:`edge_stn.publish.stats.ProcessMeter`); ``health``: ``healthy``, the names of
+    the ``failing`` checks and the ``warnings`` (disk, clock) of :mod:`edge_stn.ops.health`,
+    left out when None.
     """
     cams: dict[str, Any] = {}
     for cam_id in sorted(cameras):
@@ -265,7 +268,7 @@ def stats_document(
         if missing:
             raise PayloadError(f"stats for camera {cam_id!r} lack {', '.join(missing)}")
         cams[cam_id] = _flat_numbers(f"cameras.{cam_id}", counters)
-    return {
+    doc = {
         "schema_version": SCHEMA_VERSION,
         "device": device,
         "epoch": epoch,
@@ -279,6 +282,13 @@ def stats_document(
         "mqtt": dict(mqtt),
         "process": _flat_numbers("process", process or {}),
     }
+    if health is not None:
+        doc["health"] = {
+            "healthy": bool(health["healthy"]),
+            "failing": sorted(str(n) for n in health.get("failing", ())),
+            "warnings": [str(w) for w in health.get("warnings", ())],
+        }
+    return doc
 
 
 # ---------------------------------------------------------------- schemas

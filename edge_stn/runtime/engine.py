@@ -24,8 +24,16 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_stn.config import BatchProfileConfig, ModelConfig, ProviderName, TensorRTProvider
-from edge_stn.errors import ConfigError, DTypeError, MissingExtraError, ModelError, ShapeError
+from edge_stn.errors import (
+    ConfigError,
+    DTypeError,
+    MissingExtraError,
+    ModelError,
+    ModelIntegrityError,
+    ShapeError,
+)
 from edge_stn.runtime.metadata import file_sha256, read_model_metadata
+from edge_stn.runtime.signing import check_model_trust
 
 if TYPE_CHECKING:
     from edge_stn.windows import WindowSpec
@@ -132,6 +140,31 @@ def _profile_from_metadata(doc: dict[str, Any]) -> BatchProfileConfig | None:
         return None
 
 
+def verify_model_file(model: ModelConfig) -> tuple[str, str]:
+    """The checks that refuse a model file before anything parses it: the file exists, its
+    sha256 is the one pinned in ``model.sha256``, and ``model.trust`` accepts it (signature or
+    allow-list). Returns the sha256 and how the file was trusted; raises
+    :class:`ModelIntegrityError` (:class:`ConfigError` for an unreadable public key file)."""
+    path = Path(model.model_path)
+    if not path.is_file():
+        what = (
+            "the bundled demo model is not installed (reinstall edge-stn, or set model.path)"
+            if model.is_bundled
+            else "no such model file"
+        )
+        raise ModelIntegrityError(what, path=path)
+    sha256 = file_sha256(path)
+    expected = model.sha256
+    if expected is not None and expected.lower() != sha256:
+        raise ModelIntegrityError(
+            f"sha256 {sha256[:12]}... differs from model.sha256 {expected[:12]}... in "
+            "the config: the file was replaced; deploy the expected model or update the config",
+            path=path,
+        )
+    # Authenticity before anything parses the file (signature or allow-list, issue 7).
+    return sha256, check_model_trust(path, sha256, model.trust)
+
+
 class Engine:
     """An exported ST-CNN on ONNX Runtime (see the module docstring).
 
@@ -145,21 +178,7 @@ class Engine:
         self.config = model if model is not None else ModelConfig()
         self.path = Path(self.config.model_path)
         ort = import_onnxruntime()
-        if not self.path.is_file():
-            what = (
-                "the bundled demo model is not installed (reinstall edge-stn, or set model.path)"
-                if self.config.is_bundled
-                else "no such model file"
-            )
-            raise ModelError(what, path=self.path)
-        self.sha256 = file_sha256(self.path)
-        expected = self.config.sha256
-        if expected is not None and expected.lower() != self.sha256:
-            raise ModelError(
-                f"sha256 {self.sha256[:12]}... differs from model.sha256 {expected[:12]}... in "
-                "the config: the file was replaced; deploy the expected model or update the config",
-                path=self.path,
-            )
+        self.sha256, self.trust = verify_model_file(self.config)
         self.metadata: dict[str, Any] = read_model_metadata(self.path)
         doc = self.metadata
         inp = doc["input"]
@@ -206,9 +225,10 @@ class Engine:
         wanted = " > ".join(p.name for p in self.config.providers)
         got = ", ".join(self.providers)
         logger.info(
-            "model %s (sha256 %s...) runs on %s (preference: %s)",
+            "model %s (sha256 %s..., trust: %s) runs on %s (preference: %s)",
             self.path,
             self.sha256[:12],
+            self.trust,
             got,
             wanted,
         )
@@ -233,7 +253,10 @@ class Engine:
         self.warmup_s: float | None = None
         if warmup:
             t0 = time.perf_counter()
-            self.infer(np.zeros((1, c, *self.input_size), dtype=np.uint8))
+            try:
+                self.infer(np.zeros((1, c, *self.input_size), dtype=np.uint8))
+            except Exception as exc:  # onnxruntime raises its own untyped errors
+                raise ModelError(f"warm-up failed: {_first_line(exc)}", path=self.path) from None
             self.warmup_s = time.perf_counter() - t0
             logger.info("warm-up took %.3f s", self.warmup_s)
 

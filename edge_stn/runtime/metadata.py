@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edge_stn.errors import MissingExtraError, ModelError
+from edge_stn.errors import MissingExtraError, ModelError, ModelIntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def check_sidecar(path: str | Path, sha256: str | None = None) -> dict[str, Any]
         raise ModelError(f"sidecar {side.name} has no 'sha256' entry", path=path)
     actual = sha256 or file_sha256(path)
     if doc["sha256"].lower() != actual:
-        raise ModelError(
+        raise ModelIntegrityError(
             f"sha256 {actual[:12]}... differs from its sidecar {side.name} "
             f"({doc['sha256'][:12]}...): the model was changed or replaced after export; "
             "re-export it or remove the stale sidecar",
