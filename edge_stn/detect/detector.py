@@ -25,6 +25,7 @@ stops the other frames. Torch-free; ONNX Runtime is reached only through the eng
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,13 @@ from edge_stn.errors import ModelError
 from edge_stn.geometry import crop_quad, frame_from_crop
 from edge_stn.records import Detection, Frame, FrameResult
 from edge_stn.runtime.engine import softmax
-from edge_stn.windows import WindowPlacement, WindowSpec, extract_window, place_window
+from edge_stn.windows import (
+    WindowPlacement,
+    WindowSpec,
+    place_window,
+    window_bounds,
+    window_from_part,
+)
 
 if TYPE_CHECKING:
     from edge_stn.runtime.engine import Engine
@@ -70,10 +77,20 @@ class DetectorStats:
 
 
 @dataclass(frozen=True)
-class _FrameWindows:
+class FrameWindows:
+    """One frame's proposals, their window placements and the windows ``(N, C, S, S)``."""
+
     boxes: npt.NDArray[np.float64]
     placements: list[WindowPlacement]
     images: npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedFrame(Frame):
+    """A frame whose windows were already cut by ``owner`` (:meth:`Detector.prepare_frame`)."""
+
+    windows: FrameWindows
+    owner: object
 
 
 def to_gray(frame: Frame) -> GrayImage:
@@ -144,6 +161,7 @@ class Detector:
         }
         self._default_finder = ProposalFinder()
         self.stats = DetectorStats()
+        self._stats_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, engine: Engine, config: DaemonConfig, **kw: Any) -> Detector:
@@ -162,14 +180,14 @@ class Detector:
     # ------------------------------------------------------------ stages
 
     def proposals(self, frame: Frame, gray: GrayImage | None = None) -> npt.NDArray[np.float64]:
-        """Proposal boxes of one frame (none, logged and counted, if the frame breaks them);
-        ``gray`` is the frame in grayscale when the caller has it."""
+        """Proposal boxes of one frame (none, logged and counted, if the frame breaks them).
+        They are found on the colour frame itself (a reduced gray copy, and gray only where
+        boxes are refined) unless the caller passes the frame in ``gray``."""
         try:
-            if gray is None:
-                gray = to_gray(frame)
-            return self.finder(frame.camera_id)(gray)
+            return self.finder(frame.camera_id)(frame.image if gray is None else gray)
         except (cv2.error, ValueError) as exc:
-            self.stats.frame_errors += 1
+            with self._stats_lock:
+                self.stats.frame_errors += 1
             logger.warning(
                 "camera %s frame %d: proposals failed (%s); no detections for this frame",
                 frame.camera_id,
@@ -180,23 +198,52 @@ class Detector:
 
     def windows(
         self, frame: Frame, boxes: npt.NDArray[np.float64], gray: GrayImage | None = None
-    ) -> _FrameWindows:
-        """The model's windows of one frame's boxes, ``(N, C, S, S)`` uint8."""
+    ) -> FrameWindows:
+        """The model's windows of one frame's boxes, ``(N, C, S, S)`` uint8.
+
+        Each window reads only its own part of the frame (:func:`window_bounds`); for a gray
+        model only that part is converted to gray, which gives the same pixels as cutting it
+        from a gray copy of the whole frame (``gray``, when the caller has one).
+        """
         size = self.spec.size
         c = self.engine.channels
         n = boxes.shape[0]
         images = np.zeros((n, c, size, size), dtype=np.uint8)
         placements = [place_window(b, self.spec) for b in boxes]
-        if n:
-            planes = (
-                [gray if gray is not None else to_gray(frame)]
-                if c == 1
-                else [np.ascontiguousarray(frame.image[:, :, i]) for i in range(3)]
-            )
-            for i, p in enumerate(placements):
-                for ch, plane in enumerate(planes):
-                    images[i, ch] = extract_window(plane, p, size)
-        return _FrameWindows(boxes, placements, images)
+        image = frame.image
+        for i, p in enumerate(placements):
+            bounds = window_bounds(p, size, image.shape)
+            if bounds is None:
+                continue  # the window misses the frame: black, as extract_window gives
+            x0, y0, x1, y1 = bounds
+            if c == 1:
+                part = (
+                    gray[y0:y1, x0:x1]
+                    if gray is not None
+                    else cv2.cvtColor(image[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
+                )
+                images[i, 0] = window_from_part(np.asarray(part), (x0, y0), p, size)
+            else:
+                for ch in range(3):
+                    part = np.ascontiguousarray(image[y0:y1, x0:x1, ch])
+                    images[i, ch] = window_from_part(part, (x0, y0), p, size)
+        return FrameWindows(boxes, placements, images)
+
+    def prepare(self, frame: Frame) -> FrameWindows:
+        """Everything the batch needs from one frame before the model runs: its proposals and
+        their windows (a frame :meth:`prepare_frame` made carries them already)."""
+        if isinstance(frame, PreparedFrame) and frame.owner is self:
+            return frame.windows
+        return self.windows(frame, self.proposals(frame))
+
+    def prepare_frame(self, frame: Frame) -> Frame:
+        """``frame`` with its proposals and windows, for a camera's reader thread to call
+        right after reading: then the proposals of several cameras, and those of a file's next
+        frame, are found while the model runs on the current batch, instead of one after the
+        other in the detector stage. Thread-safe; :meth:`detect` uses what it finds."""
+        return PreparedFrame(
+            frame.camera_id, frame.index, frame.capture_ts, frame.image, self.prepare(frame), self
+        )
 
     def _infer(
         self, images: npt.NDArray[np.uint8]
@@ -213,7 +260,7 @@ class Detector:
 
     def _frame_detections(
         self,
-        fw: _FrameWindows,
+        fw: FrameWindows,
         probs: npt.NDArray[np.float32],
         thetas: npt.NDArray[np.float32],
     ) -> tuple[Detection, ...]:
@@ -268,10 +315,7 @@ class Detector:
 
     def detect(self, frames: Sequence[Frame]) -> list[FrameResult]:
         """One :class:`FrameResult` per frame, in the order given, from one batched model call."""
-        per_frame = []
-        for f in frames:
-            gray = to_gray(f)
-            per_frame.append(self.windows(f, self.proposals(f, gray), gray))
+        per_frame = [self.prepare(f) for f in frames]
         counts = [fw.images.shape[0] for fw in per_frame]
         total = sum(counts)
         c, s = self.engine.channels, self.spec.size

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from edge_stn.config import CameraConfig
+from edge_stn.config import CameraConfig, SyntheticConfig
+from edge_stn.records import Frame
 from edge_stn.video.base import FrameSource
 from edge_stn.video.file import FileSource, check_video_file
 from edge_stn.video.opencv import LiveSource
 from edge_stn.video.pacing import Backoff
 from edge_stn.video.reader import CameraReader
-from edge_stn.video.synthetic import DEFAULT_FPS, SyntheticCamera
+from edge_stn.video.synthetic import DEFAULT_FPS, MotionSettings, SyntheticCamera
 
 
 def make_source(camera: CameraConfig) -> FrameSource:
@@ -20,7 +22,15 @@ def make_source(camera: CameraConfig) -> FrameSource:
     kind = camera.kind
     if kind == "synthetic":
         # The synthetic camera produces frames at its own rate: `fps` sets that rate.
-        return SyntheticCamera(camera.id, fps=camera.fps or DEFAULT_FPS)
+        scene = camera.synthetic or SyntheticConfig()
+        return SyntheticCamera(
+            camera.id,
+            width=scene.width,
+            height=scene.height,
+            fps=camera.fps or DEFAULT_FPS,
+            seed=scene.seed,
+            settings=MotionSettings(count=scene.objects),
+        )
     if kind == "file":
         path = Path(str(camera.source))
         check_video_file(camera.id, path)
@@ -41,9 +51,11 @@ def make_reader(
     wakeup: threading.Event | None = None,
     queue_size: int = 4,
     backoff: Backoff | None = None,
+    prepare: Callable[[Frame], Frame] | None = None,
 ) -> CameraReader:
     """The reader thread of a camera (not started). The stall watchdog fires after
-    ``read_timeout_s`` without a frame; a call stuck past both timeouts is abandoned."""
+    ``read_timeout_s`` without a frame; a call stuck past both timeouts is abandoned.
+    ``prepare`` is applied to every frame in the reader's thread (:class:`CameraReader`)."""
     return CameraReader(
         camera.id,
         lambda: make_source(camera),
@@ -56,4 +68,5 @@ def make_reader(
         queue_size=queue_size,
         backoff=backoff,
         wakeup=wakeup,
+        prepare=prepare,
     )

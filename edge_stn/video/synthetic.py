@@ -138,6 +138,30 @@ class _Path:
     bounds: tuple[float, float, float, float]
 
 
+@dataclass(frozen=True)
+class _SegmentBase:
+    segment: int
+    canvas: npt.NDArray[np.float32]
+    clutter_boxes: tuple[tuple[float, float, float, float], ...]
+
+
+NOISE_MARGIN = 64
+"""The shared noise field is this many pixels larger than the frame on each axis; each frame
+adds the window at its own offset."""
+
+
+@lru_cache(maxsize=4)
+def noise_field(height: int, width: int, sigma: float) -> npt.NDArray[np.float32]:
+    """Gaussian sensor noise (``sigma`` grey levels) for frames of ``height x width``, made once
+    per size and shared by every camera: drawing 10^6 normal samples per frame would cost more
+    than the detector does on the frame."""
+    rng = np.random.default_rng([0, _NOISE])
+    field = rng.standard_normal((height + NOISE_MARGIN, width + NOISE_MARGIN), dtype=np.float32)
+    field *= np.float32(sigma)
+    field.setflags(write=False)
+    return field
+
+
 class MovingDigits:
     """Frames of moving digits, each a pure function of ``(seed, frame index)``."""
 
@@ -162,6 +186,8 @@ class MovingDigits:
         self.cols = min(n, max(1, math.ceil(math.sqrt(n * self.width / self.height)))) if n else 0
         self.rows = math.ceil(n / self.cols) if n else 0
         self.segment_frames = max(1, round(self.settings.segment_s * self.fps))
+        self._base: _SegmentBase | None = None
+        self._segment_paths: tuple[int, tuple[_Path, ...]] | None = None
 
     def describe(self) -> dict[str, Any]:
         """The generator's settings (for a ground-truth file)."""
@@ -204,12 +230,19 @@ class MovingDigits:
             bounds=bounds,
         )
 
+    def _paths(self, segment: int) -> tuple[_Path, ...]:
+        cached = self._segment_paths
+        if cached is not None and cached[0] == segment:
+            return cached[1]
+        paths = tuple(self._path(segment, j) for j in range(self.settings.count))
+        self._segment_paths = (segment, paths)
+        return paths
+
     def placements(self, index: int) -> list[DigitPlacement]:
         """Where each digit is in frame ``index``."""
         segment, t = divmod(index, self.segment_frames)
         out = []
-        for j in range(self.settings.count):
-            p = self._path(segment, j)
+        for p in self._paths(segment):
             x0, y0, x1, y1 = p.bounds
             out.append(
                 DigitPlacement(
@@ -222,29 +255,50 @@ class MovingDigits:
             )
         return out
 
-    def scene(self, index: int) -> Scene:
-        """Frame ``index`` as a grayscale image with its objects (truth) and clutter boxes."""
-        if index < 0:
-            raise ValueError(f"frame index must be >= 0, got {index}")
-        segment = index // self.segment_frames
-        s = self.settings
+    def _segment_base(self, segment: int) -> _SegmentBase:
+        """The noise-free background and clutter of a segment (cached: they change only when
+        the segment does, and rendering them is most of a frame's cost)."""
+        cached = self._base
+        if cached is not None and cached.segment == segment:
+            return cached
         canvas = self.renderer.background_image(
             self.width, self.height, self._rng(_BACKGROUND, segment)
         )
-        if s.noise > 0:
-            noise = self._rng(_NOISE, index).standard_normal(canvas.shape, dtype=np.float32)
-            canvas += s.noise * noise
-        scene = Scene(np.zeros((self.height, self.width), np.uint8))
         clutter_rng = self._rng(_CLUTTER, segment)
-        for _ in range(s.clutter):
+        boxes = []
+        for _ in range(self.settings.clutter):
             box = self.renderer.draw_clutter(canvas, clutter_rng)
             if box is not None:
-                scene.clutter_boxes.append(box)
+                boxes.append(box)
+        canvas.setflags(write=False)
+        base = _SegmentBase(segment, canvas, tuple(boxes))
+        self._base = base
+        return base
+
+    def scene(self, index: int) -> Scene:
+        """Frame ``index`` as a grayscale image with its objects (truth) and clutter boxes.
+
+        The segment's background and clutter, plus this frame's sensor noise (a window of a
+        shared Gaussian field at an offset drawn from ``(seed, index)``), then the digits.
+        """
+        if index < 0:
+            raise ValueError(f"frame index must be >= 0, got {index}")
+        base = self._segment_base(index // self.segment_frames)
+        s = self.settings
+        if s.noise > 0:
+            field = noise_field(self.height, self.width, s.noise)
+            dy, dx = self._rng(_NOISE, index).integers(0, NOISE_MARGIN + 1, size=2)
+            canvas = base.canvas + field[dy : dy + self.height, dx : dx + self.width]
+        else:
+            canvas = base.canvas.copy()
+        scene = Scene(np.zeros((self.height, self.width), np.uint8))
+        scene.clutter_boxes.extend(base.clutter_boxes)
         for p in self.placements(index):
             obj = self.renderer.draw_digit(canvas, p)
             if obj is not None:
                 scene.objects.append(obj)
-        scene.image = np.clip(canvas, 0, 255).astype(np.uint8)
+        np.clip(canvas, 0, 255, out=canvas)
+        scene.image = canvas.astype(np.uint8)
         return scene
 
     def frame_bgr(self, index: int) -> tuple[npt.NDArray[np.uint8], list[SceneObject]]:
