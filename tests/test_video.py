@@ -532,6 +532,59 @@ def test_make_source_per_kind(tmp_path: Path):
     assert make_reader(CameraConfig(source="synthetic", fps=7), threading.Event()).fps is None
 
 
+def test_synthetic_camera_takes_size_digits_and_seed_from_its_config():
+    cam = CameraConfig(
+        source="synthetic", fps=5, synthetic={"width": 320, "height": 200, "objects": 5, "seed": 9}
+    )
+    syn = make_source(cam)
+    assert isinstance(syn, SyntheticCamera) and "320x200" in syn.description
+    with syn:
+        frame = syn.read()
+    assert frame is not None and frame.image.shape == (200, 320, 3)
+    assert len(syn.objects(frame.index)) == 5
+    other = make_source(
+        CameraConfig(
+            source="synthetic", synthetic={"width": 320, "height": 200, "objects": 5, "seed": 8}
+        )
+    )
+    assert isinstance(other, SyntheticCamera)
+    assert other.objects(0) != syn.objects(0)  # another seed, another scene
+    with pytest.raises(ValueError, match="synthetic"):
+        CameraConfig(source="/videos/a.mp4", synthetic={"width": 320})
+
+
+def test_synthetic_noise_changes_every_frame_and_keeps_its_level():
+    gen = MovingDigits(160, 120, seed=1, settings=MotionSettings(count=0, clutter=0, noise=4.0))
+    a, b = (gen.scene(i).image.astype(np.float64) for i in (3, 4))
+    assert np.abs(a - b).mean() > 2.0  # fresh noise each frame, not a frozen pattern
+    # Within a segment the background is fixed: frame-to-frame differences are noise only,
+    # with the standard deviation of the difference of two independent N(0, 4) samples.
+    assert 4.0 < np.std(a - b) < 7.0
+
+
+def test_reader_prepares_frames_in_its_thread_and_survives_a_failing_prepare(
+    tmp_path: Path, stop: threading.Event
+):
+    video = write_video(tmp_path / "v.mp4", 12)
+    threads: set[str] = set()
+
+    def prepare(frame: Frame) -> Frame:
+        threads.add(threading.current_thread().name)
+        if frame.index % 4 == 1:
+            raise RuntimeError("simulated failure")
+        return Frame(frame.camera_id, frame.index, frame.capture_ts, 255 - frame.image)
+
+    reader = file_reader(video, stop, prepare=prepare)
+    reader.start()
+    frames = drain(reader)
+    assert [f.index for f in frames] == list(range(12))  # every frame, failed ones as read
+    assert threads == {"edge-stn.reader:cam0"}
+    assert reader.stats().prepare_errors == 3
+    for f in frames:
+        number = frame_number(f.image if f.index % 4 == 1 else 255 - f.image)
+        assert number == f.index
+
+
 def test_ffmpeg_options_keep_the_operators_own():
     assert ffmpeg_options("tcp", None) == "rtsp_transport;tcp"
     assert ffmpeg_options("udp", "stimeout;5000000") == "stimeout;5000000|rtsp_transport;udp"
