@@ -46,7 +46,7 @@ from types import FrameType
 from typing import Any
 
 from edge_stn.config import CropConfig, DaemonConfig, load_config
-from edge_stn.detect.crops import EncodedCrop, canonical_crop, encode_jpeg
+from edge_stn.detect.crops import LazyCrop
 from edge_stn.detect.detector import Detector
 from edge_stn.errors import EdgeStnError
 from edge_stn.publish.client import MqttPublisher, PublishedResult, PublisherLimits
@@ -362,15 +362,16 @@ class Daemon:
 
     # ------------------------------------------------------------ the publisher stage
 
-    def _crops_of(self, work: _Work) -> list[EncodedCrop | None] | None:
+    def _crops_of(self, work: _Work) -> list[LazyCrop | None] | None:
         cfg = self._crops
         if not cfg.enabled or not work.result.detections:
             return None
-        out: list[EncodedCrop | None] = []
-        for det in work.result.detections:
-            crop = canonical_crop(work.frame.image, det.affine, self.detector.crop_size)
-            out.append(encode_jpeg(crop, cfg.jpeg_quality, cfg.max_payload_bytes))
-        return out
+        # Cut and encoded only when the publisher reads them: a dropped result costs none.
+        size, image = self.detector.crop_size, work.frame.image
+        return [
+            LazyCrop(image, d.affine, size, cfg.jpeg_quality, cfg.max_payload_bytes)
+            for d in work.result.detections
+        ]
 
     def _publisher_loop(self) -> None:
         while True:

@@ -30,6 +30,7 @@ from edge_stn.config import (  # noqa: E402
 from edge_stn.data.scenes import SceneObject  # noqa: E402
 from edge_stn.detect import (  # noqa: E402
     Detector,
+    LazyCrop,
     PreparedFrame,
     ProposalFinder,
     box_iou,
@@ -561,6 +562,18 @@ def test_canonical_crop_of_a_detection(detector: Detector, shots) -> None:
     assert gray.max() > 200 and gray.mean() > 20
     with pytest.raises(ShapeError):
         canonical_crop(s.gray, np.eye(3), size)
+
+
+def test_lazy_crop_is_cut_and_encoded_only_when_read(detector: Detector, shots) -> None:
+    s = shots[0]
+    (r,) = detector.detect([s.frame])
+    d = r.detections[0]
+    lazy = LazyCrop(s.frame.image, d.affine, 40, quality=80, max_bytes=65536)
+    assert (lazy.width, lazy.height) == (40, 40) and "encoded" not in vars(lazy)
+    want = encode_jpeg(canonical_crop(s.frame.image, d.affine, 40), 80, 65536)
+    assert lazy.data == want.data and lazy.data is not None and "encoded" in vars(lazy)
+    assert lazy.data is lazy.data  # encoded once
+    assert LazyCrop(s.frame.image, d.affine, 40, max_bytes=10).data is None  # over the limit
 
 
 def test_jpeg_respects_the_payload_limit() -> None:

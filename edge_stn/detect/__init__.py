@@ -3,7 +3,7 @@
 NumPy + OpenCV; ONNX Runtime only through :class:`edge_stn.runtime.engine.Engine`. Never torch.
 """
 
-from edge_stn.detect.crops import EncodedCrop, canonical_crop, encode_jpeg
+from edge_stn.detect.crops import EncodedCrop, LazyCrop, canonical_crop, encode_jpeg
 from edge_stn.detect.detector import Detector, DetectorStats, FrameWindows, PreparedFrame
 from edge_stn.detect.nms import box_iou, nms
 from edge_stn.detect.proposals import ProposalFinder
@@ -13,6 +13,7 @@ __all__ = [
     "DetectorStats",
     "EncodedCrop",
     "FrameWindows",
+    "LazyCrop",
     "PreparedFrame",
     "ProposalFinder",
     "box_iou",
