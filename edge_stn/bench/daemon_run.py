@@ -207,6 +207,14 @@ class DaemonRun:
             return None
         return 100.0 * (b.cpu_s - a.cpu_s) / (b.ts - a.ts)
 
+    def cpu_ms_per_result(self) -> float | None:
+        """The daemon's CPU time over the window per result captured in it."""
+        a, b = self.sample_at(self.window[0]), self.sample_at(self.window[1])
+        if a is None or b is None or b.ts <= a.ts:
+            return None
+        n = sum(1 for r in self.results if a.ts <= r.capture_ts < b.ts)
+        return 1000.0 * (b.cpu_s - a.cpu_s) / n if n else None
+
     def cpu_ms_per_frame(self) -> float | None:
         """The daemon's CPU time per frame published, between its first and its last sample
         after the first result (start-up excluded; the frames counted are those captured

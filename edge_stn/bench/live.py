@@ -10,8 +10,9 @@ A run measures, after a warm-up counted from the first result, for ``seconds``:
   among the results received (a frame the camera skipped, the reader replaced, a queue or the
   publisher dropped: every loss a consumer can see), with the daemon's own drop counters from
   its ``stats`` messages beside them;
-* the daemon's CPU (percent of one core), resident memory at the end and at its peak, and the
-  time from the process start to the first result received.
+* the daemon's CPU (percent of one core, and CPU time per frame, which a busy neighbour on the
+  machine disturbs less), resident memory at the end and at its peak, and the time from the
+  process start to the first result received.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def measure_live(run: DaemonRun, cameras: int, fps: float) -> dict[str, Any]:
         "publish_ms": percentiles([r.publish_ms for r in inside]),
         "daemon_counters": _counter_delta(run),
         "cpu_percent": run.cpu_percent(),
+        "cpu_ms_per_frame": run.cpu_ms_per_result(),
         "rss_end_mb": rss_end / 2**20 if rss_end else None,
         "rss_peak_mb": rss_peak / 2**20 if rss_peak else None,
         "first_result_s": run.first_result_s,
@@ -160,6 +162,7 @@ def summarize_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "detect_p50_ms": fig(lambda r: r["detect_ms"]["p50"]),
         "publish_p50_ms": fig(lambda r: r["publish_ms"]["p50"]),
         "cpu_percent": fig(lambda r: r["cpu_percent"]),
+        "cpu_ms_per_frame": fig(lambda r: r["cpu_ms_per_frame"]),
         "rss_end_mb": fig(lambda r: r["rss_end_mb"]),
         "rss_peak_mb": fig(lambda r: r["rss_peak_mb"]),
         "rss_peak_mb_max": max((r["rss_peak_mb"] or 0.0) for r in runs),

@@ -181,7 +181,7 @@ def markdown(doc: dict[str, Any], command: str | None = None) -> str:
         lines.append("")
         lines += _table(
             ["cameras", "fps/camera", "dropped", "e2e p50 ms", "e2e p95 ms", "e2e p99 ms",
-             "detect_ms p50", "publish_ms p50", "CPU %", "RSS MB"],
+             "detect_ms p50", "publish_ms p50", "CPU %", "CPU ms/frame", "RSS MB"],
             [
                 [
                     str(c["cameras"]),
@@ -193,6 +193,7 @@ def markdown(doc: dict[str, Any], command: str | None = None) -> str:
                     fmt(c["detect_p50_ms"], 1),
                     fmt(c["publish_p50_ms"], 1),
                     fmt(c["cpu_percent"]),
+                    fmt(c["cpu_ms_per_frame"], 1),
                     fmt(c["rss_end_mb"]),
                 ]
                 for c in s["configs"]
