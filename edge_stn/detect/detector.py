@@ -5,7 +5,10 @@ background rejection, score threshold, NMS -> detections with their pixel affine
 proposals on a reduced grayscale copy (:mod:`edge_stn.detect.proposals`, configured per camera),
 cuts a window per proposal with the one window extractor (:mod:`edge_stn.windows`, the model's
 window spec), and stacks the windows of *all* frames into one ONNX Runtime call (split only above
-``max_batch``). A window whose best class is the model's background label, or whose best
+``max_batch``). A colour frame is never converted to gray as a whole: the proposals use a reduced
+copy and refine boxes on their own parts, and each window converts only the part it reads.
+Proposals and windows can be cut ahead, in another thread (:meth:`Detector.prepare_frame`: the
+daemon's camera readers do), so that they run while the model runs on the previous batch. A window whose best class is the model's background label, or whose best
 probability is below ``score_threshold``, is dropped; the survivors of each frame go through
 class-agnostic NMS and ``max_per_frame``. Each detection carries:
 
