@@ -22,7 +22,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_stn.bench.daemon_run import DEVICE, HOST, DaemonRun, Received, run_daemon
+from edge_stn.bench.daemon_run import (
+    DEVICE,
+    HOST,
+    DaemonRun,
+    Received,
+    reduce_to_for,
+    run_daemon,
+)
 from edge_stn.bench.summary import percentiles, spread
 
 
@@ -37,6 +44,7 @@ def cameras_config(
                 "source": "synthetic",
                 "fps": fps,
                 "synthetic": {"width": width, "height": height, "objects": objects, "seed": i},
+                "proposals": {"reduce_to": reduce_to_for(width)},
             }
             for i in range(n)
         ],

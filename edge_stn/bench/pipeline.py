@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_stn.bench.daemon_run import DEVICE, HOST, BenchError, run_daemon
+from edge_stn.bench.daemon_run import DEVICE, HOST, BenchError, reduce_to_for, run_daemon
 from edge_stn.bench.summary import spread
 from edge_stn.bench.videos import BenchVideo, decode_only, write_h264
 
@@ -23,7 +23,13 @@ from edge_stn.bench.videos import BenchVideo, decode_only, write_h264
 def file_config(video: BenchVideo, port: int) -> dict[str, Any]:
     return {
         "device_id": DEVICE,
-        "cameras": [{"id": "file0", "source": str(video.path)}],
+        "cameras": [
+            {
+                "id": "file0",
+                "source": str(video.path),
+                "proposals": {"reduce_to": reduce_to_for(video.width)},
+            }
+        ],
         "mqtt": {"host": HOST, "port": port},
         "stats_interval_s": 1,
     }

@@ -39,6 +39,8 @@ ORT_PROVIDERS: dict[ProviderName, str] = {
     "cpu": "CPUExecutionProvider",
 }
 CPU = ORT_PROVIDERS["cpu"]
+CPU_MAX_BATCH = 32
+"""Largest batch given to the CPU provider at once (bigger ones are split)."""
 
 ProviderPlan = list[tuple[str, dict[str, str]]]
 
@@ -243,12 +245,17 @@ class Engine:
                 self.config.providers[0].name,
                 got,
             )
-        # With TensorRT the engine is built for the profile: bigger batches are split.
+        # With TensorRT the engine is built for the profile: bigger batches are split. On the
+        # CPU a crop costs the same above a few per batch, while ONNX Runtime's memory arena
+        # grows with the largest batch it has seen: split there too, so memory stays bounded
+        # however many cameras feed one batch.
         self.max_batch: int | None = None
         if self.providers and self.providers[0] == ORT_PROVIDERS["tensorrt"]:
             trt = self.config.provider("tensorrt")
             configured = trt.options.batch_profile if isinstance(trt, TensorRTProvider) else None
             self.max_batch = (configured or self.batch_profile or BatchProfileConfig()).max
+        elif self.providers[:1] == [CPU]:
+            self.max_batch = CPU_MAX_BATCH
         self._check_io()
         self.warmup_s: float | None = None
         if warmup:
