@@ -141,7 +141,7 @@ class _Path:
 @dataclass(frozen=True)
 class _SegmentBase:
     segment: int
-    canvas: npt.NDArray[np.float32]
+    canvas: npt.NDArray[np.uint8]
     clutter_boxes: tuple[tuple[float, float, float, float], ...]
 
 
@@ -270,8 +270,10 @@ class MovingDigits:
             box = self.renderer.draw_clutter(canvas, clutter_rng)
             if box is not None:
                 boxes.append(box)
-        canvas.setflags(write=False)
-        base = _SegmentBase(segment, canvas, tuple(boxes))
+        # Kept in uint8 (a quarter of float32's memory per camera); frames add their noise to it.
+        image = np.clip(canvas, 0, 255).astype(np.uint8)
+        image.setflags(write=False)
+        base = _SegmentBase(segment, image, tuple(boxes))
         self._base = base
         return base
 
@@ -288,9 +290,9 @@ class MovingDigits:
         if s.noise > 0:
             field = noise_field(self.height, self.width, s.noise)
             dy, dx = self._rng(_NOISE, index).integers(0, NOISE_MARGIN + 1, size=2)
-            canvas = base.canvas + field[dy : dy + self.height, dx : dx + self.width]
+            canvas = field[dy : dy + self.height, dx : dx + self.width] + base.canvas
         else:
-            canvas = base.canvas.copy()
+            canvas = base.canvas.astype(np.float32)
         scene = Scene(np.zeros((self.height, self.width), np.uint8))
         scene.clutter_boxes.extend(base.clutter_boxes)
         for p in self.placements(index):
