@@ -566,6 +566,22 @@ def test_synthetic_noise_changes_every_frame_and_keeps_its_level():
     assert abs(np.corrcoef(r3[away], r4[away])[0, 1]) < 0.2  # not a frozen pattern
 
 
+def test_synthetic_cameras_of_one_rate_tick_together():
+    """Frames fall on whole multiples of the period, whenever a camera was opened: cameras of
+    one rate deliver at the same instants (the detector's worst case, every time)."""
+    now = [100.03]
+    cams = [
+        SyntheticCamera(f"c{i}", width=32, height=24, fps=10, clock=lambda: now[0])
+        for i in range(2)
+    ]
+    cams[0].open()
+    now[0] = 100.07  # the second camera opens 40 ms later
+    cams[1].open()
+    now[0] = 100.25
+    a, b = cams[0].read(), cams[1].read()
+    assert a is not None and b is not None and a.index == b.index == 1  # due at 100.1 + i/10
+
+
 def test_reader_prepares_frames_in_its_thread_and_survives_a_failing_prepare(
     tmp_path: Path, stop: threading.Event
 ):

@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 import edge_stn
 from edge_stn.errors import EdgeStnError
+from edge_stn.publish.client import disable_nagle
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class ResultCollector:
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         self.client.on_message = self._on_message
+        self.client.on_socket_open = disable_nagle
         self.client.on_subscribe = lambda *args: self._subscribed.set()
         self.client.on_connect = lambda c, *args: c.subscribe(
             [(self.result_filter, 1), (self.stats_topic, 0)]

@@ -9,7 +9,9 @@ new digit, pose and path. The truth of a frame is one :class:`~edge_stn.data.sce
 per digit: label, tight ink box (edge coordinates), centre, angle, scale.
 
 :class:`SyntheticCamera` is a live source of those frames. It runs on the wall clock: frame
-``i`` is due ``i / fps`` seconds after ``open()``, a read waits for the next due frame, and
+``i`` is due ``i / fps`` seconds after ``open()`` (rounded up to a whole multiple of the period on
+the clock, so that cameras of the same rate tick at the same instants), a read waits for the
+next due frame, and
 when rendering or the reader falls behind it skips to the frame due now (frame indices jump,
 as a real camera's sequence numbers do); a slow pipeline loses frames to the reader's
 newest-frame policy, like behind any live camera.
@@ -369,7 +371,11 @@ class SyntheticCamera(FrameSource):
 
     def open(self) -> None:
         self.generator  # noqa: B018 (load the digits now: a missing asset fails the open)
-        self._t0 = self._clock() - self._first / self.fps
+        # Frames fall on whole multiples of the period on the clock, so synthetic cameras of
+        # one rate tick together, like genlocked cameras: every tick is the worst case for
+        # the detector (all frames at once), whatever the order the cameras opened in.
+        first_due = math.ceil(self._clock() * self.fps) / self.fps
+        self._t0 = first_due - self._first / self.fps
         self._next = self._first
 
     def read(self) -> Frame | None:
