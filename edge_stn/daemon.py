@@ -105,12 +105,8 @@ class Daemon:
         self._on_published = on_published
         self.engine = engine if engine is not None else Engine(config.model)
         self.detector = Detector.from_config(self.engine, config, max_batch=self.engine.max_batch)
-        # Each reader cuts its frames' windows in its own thread (Detector.prepare_frame).
         self.readers: list[CameraReader] = [
-            make_reader(
-                cam, self.stop_event, wakeup=self._wakeup, prepare=self.detector.prepare_frame
-            )
-            for cam in config.cameras
+            make_reader(cam, self.stop_event, wakeup=self._wakeup) for cam in config.cameras
         ]
         self._live = {r.camera_id: r.is_live for r in self.readers}
         self.publisher = MqttPublisher.from_config(

@@ -31,7 +31,6 @@ from edge_stn.data.scenes import SceneObject  # noqa: E402
 from edge_stn.detect import (  # noqa: E402
     Detector,
     LazyCrop,
-    PreparedFrame,
     ProposalFinder,
     box_iou,
     canonical_crop,
@@ -271,32 +270,6 @@ def test_batching_across_cameras_equals_one_frame_at_a_time(engine: Engine, shot
                 np.testing.assert_array_equal(da.box, db.box)
                 assert da.score == pytest.approx(db.score, abs=1e-5)
                 np.testing.assert_allclose(da.affine, db.affine, atol=1e-4)
-
-
-def test_frames_prepared_in_advance_give_the_same_results(engine: Engine, shots) -> None:
-    """A reader thread may cut the windows (prepare_frame); the detector then only runs the
-    model, with the same results. A frame prepared by another detector (other settings) is
-    prepared again."""
-    det = Detector(engine)
-    frames = [s.frame for s in shots[:3]]
-    prepared = [det.prepare_frame(f) for f in frames]
-    for f, g in zip(prepared, frames, strict=True):
-        assert isinstance(f, PreparedFrame) and np.shares_memory(f.image, g.image)  # no copy
-    w0 = det.stats.windows
-    direct = det.detect(frames)
-    w1 = det.stats.windows
-    via = det.detect(prepared)
-    assert det.stats.windows - w1 == w1 - w0 > 0
-    for a, b in zip(direct, via, strict=True):
-        assert [(d.label, d.box.tolist()) for d in a.detections] == [
-            (d.label, d.box.tolist()) for d in b.detections
-        ]
-        assert (a.frame_index, a.capture_ts) == (b.frame_index, b.capture_ts)
-    other = Detector(
-        engine, cameras=[CameraConfig(id=frames[0].camera_id, roi=Box(x0=0, y0=0, x1=1, y1=1))]
-    )
-    (r,) = other.detect([prepared[0]])
-    assert r.detections == ()  # its own (empty) region of interest, not the other's windows
 
 
 def test_nms_removes_duplicate_windows_of_one_object(engine: Engine, shots) -> None:

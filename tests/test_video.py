@@ -582,29 +582,6 @@ def test_synthetic_cameras_of_one_rate_tick_together():
     assert a is not None and b is not None and a.index == b.index == 1  # due at 100.1 + i/10
 
 
-def test_reader_prepares_frames_in_its_thread_and_survives_a_failing_prepare(
-    tmp_path: Path, stop: threading.Event
-):
-    video = write_video(tmp_path / "v.mp4", 12)
-    threads: set[str] = set()
-
-    def prepare(frame: Frame) -> Frame:
-        threads.add(threading.current_thread().name)
-        if frame.index % 4 == 1:
-            raise RuntimeError("simulated failure")
-        return Frame(frame.camera_id, frame.index, frame.capture_ts, 255 - frame.image)
-
-    reader = file_reader(video, stop, prepare=prepare)
-    reader.start()
-    frames = drain(reader)
-    assert [f.index for f in frames] == list(range(12))  # every frame, failed ones as read
-    assert threads == {"edge-stn.reader:cam0"}
-    assert reader.stats().prepare_errors == 3
-    for f in frames:
-        number = frame_number(f.image if f.index % 4 == 1 else 255 - f.image)
-        assert number == f.index
-
-
 def test_ffmpeg_options_keep_the_operators_own():
     assert ffmpeg_options("tcp", None) == "rtsp_transport;tcp"
     assert ffmpeg_options("udp", "stimeout;5000000") == "stimeout;5000000|rtsp_transport;udp"

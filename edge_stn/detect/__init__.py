@@ -4,7 +4,7 @@ NumPy + OpenCV; ONNX Runtime only through :class:`edge_stn.runtime.engine.Engine
 """
 
 from edge_stn.detect.crops import EncodedCrop, LazyCrop, canonical_crop, encode_jpeg
-from edge_stn.detect.detector import Detector, DetectorStats, FrameWindows, PreparedFrame
+from edge_stn.detect.detector import Detector, DetectorStats, FrameWindows
 from edge_stn.detect.nms import box_iou, nms
 from edge_stn.detect.proposals import ProposalFinder
 
@@ -14,7 +14,6 @@ __all__ = [
     "EncodedCrop",
     "FrameWindows",
     "LazyCrop",
-    "PreparedFrame",
     "ProposalFinder",
     "box_iou",
     "canonical_crop",

@@ -6,9 +6,7 @@ proposals on a reduced grayscale copy (:mod:`edge_stn.detect.proposals`, configu
 cuts a window per proposal with the one window extractor (:mod:`edge_stn.windows`, the model's
 window spec), and stacks the windows of *all* frames into one ONNX Runtime call (split only above
 ``max_batch``). A colour frame is never converted to gray as a whole: the proposals use a reduced
-copy and refine boxes on their own parts, and each window converts only the part it reads.
-Proposals and windows can be cut ahead, in another thread (:meth:`Detector.prepare_frame`: the
-daemon's camera readers do), so that they run while the model runs on the previous batch. A window whose best class is the model's background label, or whose best
+copy and refine boxes on their own parts, and each window converts only the part it reads. A window whose best class is the model's background label, or whose best
 probability is below ``score_threshold``, is dropped; the survivors of each frame go through
 class-agnostic NMS and ``max_per_frame``. Each detection carries:
 
@@ -86,14 +84,6 @@ class FrameWindows:
     boxes: npt.NDArray[np.float64]
     placements: list[WindowPlacement]
     images: npt.NDArray[np.uint8]
-
-
-@dataclass(frozen=True, eq=False)
-class PreparedFrame(Frame):
-    """A frame whose windows were already cut by ``owner`` (:meth:`Detector.prepare_frame`)."""
-
-    windows: FrameWindows
-    owner: object
 
 
 def to_gray(frame: Frame) -> GrayImage:
@@ -234,19 +224,8 @@ class Detector:
 
     def prepare(self, frame: Frame) -> FrameWindows:
         """Everything the batch needs from one frame before the model runs: its proposals and
-        their windows (a frame :meth:`prepare_frame` made carries them already)."""
-        if isinstance(frame, PreparedFrame) and frame.owner is self:
-            return frame.windows
+        their windows."""
         return self.windows(frame, self.proposals(frame))
-
-    def prepare_frame(self, frame: Frame) -> Frame:
-        """``frame`` with its proposals and windows, for a camera's reader thread to call
-        right after reading: then the proposals of several cameras, and those of a file's next
-        frame, are found while the model runs on the current batch, instead of one after the
-        other in the detector stage. Thread-safe; :meth:`detect` uses what it finds."""
-        return PreparedFrame(
-            frame.camera_id, frame.index, frame.capture_ts, frame.image, self.prepare(frame), self
-        )
 
     def _infer(
         self, images: npt.NDArray[np.uint8]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 from edge_stn.config import CameraConfig, SyntheticConfig
-from edge_stn.records import Frame
 from edge_stn.video.base import FrameSource
 from edge_stn.video.file import FileSource, check_video_file
 from edge_stn.video.opencv import LiveSource
@@ -51,11 +49,9 @@ def make_reader(
     wakeup: threading.Event | None = None,
     queue_size: int = 4,
     backoff: Backoff | None = None,
-    prepare: Callable[[Frame], Frame] | None = None,
 ) -> CameraReader:
     """The reader thread of a camera (not started). The stall watchdog fires after
-    ``read_timeout_s`` without a frame; a call stuck past both timeouts is abandoned.
-    ``prepare`` is applied to every frame in the reader's thread (:class:`CameraReader`)."""
+    ``read_timeout_s`` without a frame; a call stuck past both timeouts is abandoned."""
     return CameraReader(
         camera.id,
         lambda: make_source(camera),
@@ -68,5 +64,4 @@ def make_reader(
         queue_size=queue_size,
         backoff=backoff,
         wakeup=wakeup,
-        prepare=prepare,
     )

@@ -8,10 +8,6 @@ stage through a bounded :class:`FrameBuffer` (DESIGN §7, STYLE 3 and 5).
   that watch the stop event, never spinning) until the pipeline takes a frame.
 - **Pacing** (``fps``): a file waits until its next frame is due (absent: as fast as the
   pipeline takes them); a live source skips the frames that arrive early (``skipped_fps``).
-- **Preparing** (``prepare``, optional): a function the reader applies to each frame it hands
-  on, in its own thread (the daemon cuts the detector's windows there, so cameras, and a
-  file's next frame, are prepared in parallel with the model). If it raises, the error is
-  logged once per run of failures, counted in ``prepare_errors``, and the frame goes on as read.
 - **End of file**: ``on_end="stop"`` ends the camera (its buffer is closed: :attr:`finished`
   turns True once the pipeline took the last frame); ``"loop"`` reopens the file, and the
   frame index starts again at 0 (it names the frame's position in the file, so a ground-truth
@@ -70,7 +66,6 @@ class ReaderStats:
     them; ``skipped_fps``: live frames skipped to keep to ``fps``; ``read_errors``: failed reads;
     ``reconnects``: reopen attempts of a live source; ``stalls``: reopens because no frame came
     for ``stall_s``, or a thread stuck in a call; ``loops``: completed passes of a looping file;
-    ``prepare_errors``: frames the ``prepare`` function failed on (handed on as read);
     ``last_frame_ts``: capture time (Unix s) and ``last_index`` frame index of the last frame.
     """
 
@@ -83,7 +78,6 @@ class ReaderStats:
     reconnects: int = 0
     stalls: int = 0
     loops: int = 0
-    prepare_errors: int = 0
     last_frame_ts: float | None = None
     last_index: int | None = None
 
@@ -203,7 +197,6 @@ class CameraReader:
         queue_size: int = 4,
         backoff: Backoff | None = None,
         wakeup: threading.Event | None = None,
-        prepare: Callable[[Frame], Frame] | None = None,
     ) -> None:
         if stall_s <= 0:
             raise ValueError(f"stall_s must be > 0, got {stall_s}")
@@ -218,8 +211,6 @@ class CameraReader:
         self.stuck_s = stuck_s if stuck_s is not None else 3.0 * stall_s
         self.backoff = backoff or Backoff()
         self.buffer = FrameBuffer(1 if self.is_live else queue_size, wakeup)
-        self._prepare = prepare
-        self._prepare_failing = False
         self._lock = threading.Lock()
         self._stats = ReaderStats(camera_id)
         self._gen = 0
@@ -322,22 +313,6 @@ class CameraReader:
         with self._lock:
             if self._gen == gen:
                 self._busy_since = time.monotonic() if on else None
-
-    def _prepared(self, frame: Frame) -> Frame:
-        if self._prepare is None:
-            return frame
-        try:
-            out = self._prepare(frame)
-        except Exception:
-            if not self._prepare_failing:  # once per run of failures
-                logger.exception(
-                    "camera %s: preparing frame %d failed", self.camera_id, frame.index
-                )
-            self._prepare_failing = True
-            self._add("prepare_errors")
-            return frame
-        self._prepare_failing = False
-        return out
 
     def _run(self, gen: int, source: FrameSource) -> None:
         try:
@@ -491,9 +466,9 @@ class CameraReader:
                 if pacer.paced and not pacer.due():
                     self._add("skipped_fps")
                     continue
-                dropped = self.buffer.put_latest(self._prepared(frame))
+                dropped = self.buffer.put_latest(frame)
                 if dropped:
                     self._add("dropped_stale", dropped)
-            elif not self.buffer.put(self._prepared(frame), self.stop_event):
+            elif not self.buffer.put(frame, self.stop_event):
                 return
             pacer.mark()
