@@ -264,6 +264,56 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return run_subscribe(opts)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4,8, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4,8, got {text!r}")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    _need("onnxruntime", "cpu", "benchmarking")
+    from edge_stn.bench import BenchOptions, run_bench
+    from edge_stn.bench.report import markdown, plot, write_json, write_markdown
+
+    given = {
+        "sections": tuple(s.strip() for s in args.sections.split(",") if s.strip())
+        if args.sections
+        else None,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "video_frames": args.video_frames,
+        "latency_seconds": args.latency_seconds,
+        "warmup_seconds": args.warmup_seconds,
+        "scaling_seconds": args.scaling_seconds,
+        "scaling_cameras": args.cameras,
+        "checkpoint": Path(args.checkpoint) if args.checkpoint else None,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
+    opts = BenchOptions.quick_run(**overrides) if args.quick else BenchOptions(**overrides)
+    out = Path(args.out)
+    json_path = Path(args.json) if args.json else out / "bench.json"
+    md_path = Path(args.markdown) if args.markdown else out / "benchmarks.md"
+    png_path = Path(args.plot) if args.plot else out / "benchmarks.png"
+    doc = run_bench(opts, progress=lambda line: print(line, flush=True))
+    problem = plot(doc, png_path)
+    if problem:
+        doc["notes"].append(problem)
+    command = " ".join(["edge-stn", *getattr(args, "argv", [])])
+    write_json(json_path, doc)
+    write_markdown(md_path, markdown(doc, command))
+    print("targets:")
+    for t in doc["targets"]:
+        met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        value = "n/a" if t["measured"] is None else f"{t['measured']:.2f}"
+        print(f"  {met:6s} {t['what']}: {value} {t['unit']} (wanted {t['target']})")
+    print(f"wrote {json_path}, {md_path}" + ("" if problem else f", {png_path}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="edge-stn", description="Spatial Transformer Networks at the edge")
     p.add_argument("--version", action="version", version=f"edge-stn {__version__}")
@@ -427,6 +477,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seconds", type=_positive_float, help="stop after this many seconds")
     s.set_defaults(func=cmd_subscribe)
 
+    bn = sub.add_parser(
+        "bench",
+        help="benchmarks: the model vs PyTorch, the daemon vs decode-only, latency, scaling",
+    )
+    bn.add_argument("--out", default="bench-out", help="output folder (default bench-out)")
+    bn.add_argument("--json", help="the JSON to write (default OUT/bench.json)")
+    bn.add_argument("--markdown", help="the Markdown to write (default OUT/benchmarks.md)")
+    bn.add_argument("--plot", help="the PNG to write (default OUT/benchmarks.png)")
+    bn.add_argument(
+        "--quick", action="store_true", help="every section briefly (well under a minute)"
+    )
+    bn.add_argument(
+        "--sections", help="comma-separated subset of model,pipeline,latency,scaling (default all)"
+    )
+    bn.add_argument("--repeats", type=_positive_int, help="repeats of every figure (default 3)")
+    bn.add_argument(
+        "--threads",
+        type=_int_list,
+        help="thread counts of the model section, each for both runtimes (default 1,CORES)",
+    )
+    bn.add_argument("--video-frames", type=_positive_int, help="frames per video (default 300)")
+    bn.add_argument("--latency-seconds", type=_positive_float, help="latency window (default 60)")
+    bn.add_argument("--warmup-seconds", type=_positive_float, help="warm-up (default 5)")
+    bn.add_argument(
+        "--scaling-seconds", type=_positive_float, help="window per camera count (default 20)"
+    )
+    bn.add_argument("--cameras", type=_int_list, help="camera counts to scale (default 1,2,4,8)")
+    bn.add_argument(
+        "--checkpoint",
+        help="PyTorch checkpoint of the bundled model (default models/demo-stcnn.pt)",
+    )
+    bn.set_defaults(func=cmd_bench)
+
     c = sub.add_parser("config", help="daemon config files")
     csub = c.add_subparsers(
         dest="config_command", metavar="{check}", required=True, parser_class=_Parser
@@ -450,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -265,7 +265,10 @@ class ModelConfig(Section):
         "onnxruntime build lacks are skipped, and the CPU is always the last fallback",
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime intra-op threads on the CPU (0: one per core)"
+        0,
+        ge=0,
+        description="ONNX Runtime intra-op threads on the CPU (0: half the cores, at least "
+        "one; the other half decode video and run the pipeline)",
     )
     trust: ModelTrustConfig = Field(
         default_factory=ModelTrustConfig,
@@ -399,6 +402,17 @@ class ProposalConfig(Section):
         return self
 
 
+class SyntheticConfig(Section):
+    """The synthetic camera's scene (source ``synthetic`` only)."""
+
+    width: int = Field(640, ge=16, le=7680, description="frame width, pixels")
+    height: int = Field(480, ge=16, le=4320, description="frame height, pixels")
+    objects: int | None = Field(
+        None, ge=0, le=64, description="moving digits per frame (default: 1-4, new each segment)"
+    )
+    seed: int = Field(0, ge=0, description="scene seed: the same seed shows the same scene")
+
+
 SourceKind = Literal["file", "usb", "rtsp", "http", "synthetic"]
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _SCHEMES: dict[str, SourceKind] = {"rtsp": "rtsp", "rtsps": "rtsp", "http": "http", "https": "http"}
@@ -463,6 +477,11 @@ class CameraConfig(Section):
         description="region of interest [x0, y0, x1, y1] in frame pixels; candidates outside "
         "it are ignored (absent: the whole frame)",
     )
+    synthetic: SyntheticConfig | None = Field(
+        None,
+        description="source 'synthetic' only: frame size, digits per frame and seed "
+        "(absent: 640x480, 1-4 digits per segment, seed 0)",
+    )
 
     @field_validator("source", mode="before")
     @classmethod
@@ -501,6 +520,12 @@ class CameraConfig(Section):
         # A camera URL may carry a password (rtsp://user:${CAM_PASSWORD}@...): never show it.
         for name, value in super().__repr_args__():
             yield name, redact_url(value) if name == "source" else value
+
+    @model_validator(mode="after")
+    def _synthetic_only(self) -> CameraConfig:
+        if self.synthetic is not None and self.kind != "synthetic":
+            raise ValueError("'synthetic' settings need source 'synthetic'")
+        return self
 
     @property
     def kind(self) -> SourceKind:

@@ -80,7 +80,7 @@ from edge_stn.config import (
     load_config,
     redact_url,
 )
-from edge_stn.detect.crops import EncodedCrop, canonical_crop, encode_jpeg
+from edge_stn.detect.crops import LazyCrop
 from edge_stn.detect.detector import Detector
 from edge_stn.errors import EdgeStnError, SourceError
 from edge_stn.ops.health import Heartbeats
@@ -674,15 +674,16 @@ class Daemon:
 
     # ------------------------------------------------------------ the publisher stage
 
-    def _crops_of(self, work: _Work) -> list[EncodedCrop | None] | None:
+    def _crops_of(self, work: _Work) -> list[LazyCrop | None] | None:
         cfg = self._crops
         if not cfg.enabled or not work.result.detections:
             return None
-        out: list[EncodedCrop | None] = []
-        for det in work.result.detections:
-            crop = canonical_crop(work.frame.image, det.affine, work.crop_size)
-            out.append(encode_jpeg(crop, cfg.jpeg_quality, cfg.max_payload_bytes))
-        return out
+        # Cut and encoded only when the publisher reads them: a dropped result costs none.
+        size, image = work.crop_size, work.frame.image
+        return [
+            LazyCrop(image, d.affine, size, cfg.jpeg_quality, cfg.max_payload_bytes)
+            for d in work.result.detections
+        ]
 
     def _publisher_loop(self) -> None:
         while True:

@@ -80,6 +80,25 @@ def sample_through(
     )
 
 
+def window_bounds(
+    placement: WindowPlacement, size: int, shape: tuple[int, ...]
+) -> tuple[int, int, int, int] | None:
+    """The part ``(x0, y0, x1, y1)`` of a frame of ``shape`` that :func:`extract_window` reads
+    for this window (its footprint plus the low-pass filter's border), or None when the window
+    misses the frame. Cutting a window from that part alone (its placement shifted by
+    ``(x0, y0)``) gives exactly the window cut from the whole frame."""
+    s = placement.scale
+    h, w = shape[:2]
+    pad = 2 + math.ceil(2 * s)
+    fx0 = max(0, math.floor(placement.x0) - pad)
+    fy0 = max(0, math.floor(placement.y0) - pad)
+    fx1 = min(w, math.ceil(placement.x0 + size * s) + pad)
+    fy1 = min(h, math.ceil(placement.y0 + size * s) + pad)
+    if fx1 <= fx0 or fy1 <= fy0:
+        return None
+    return fx0, fy0, fx1, fy1
+
+
 def extract_window(
     gray: npt.NDArray[np.uint8], placement: WindowPlacement, size: int
 ) -> npt.NDArray[np.uint8]:
@@ -90,18 +109,28 @@ def extract_window(
     """
     if gray.ndim != 2:
         raise ShapeError("frame", gray.shape, "(H, W) grayscale")
+    # Work on the part of the frame the window covers (plus a border for the filter).
+    bounds = window_bounds(placement, size, gray.shape)
+    if bounds is None:
+        return np.zeros((size, size), dtype=np.uint8)
+    fx0, fy0, fx1, fy1 = bounds
+    return window_from_part(gray[fy0:fy1, fx0:fx1], (fx0, fy0), placement, size)
+
+
+def window_from_part(
+    part: npt.NDArray[np.uint8],
+    origin: tuple[int, int],
+    placement: WindowPlacement,
+    size: int,
+) -> npt.NDArray[np.uint8]:
+    """The window cut from ``part``, the grayscale region of the frame at ``origin`` (x, y) that
+    :func:`window_bounds` names: the same pixels as :func:`extract_window` on the whole frame,
+    for a caller that converts only that region to gray."""
+    if part.ndim != 2:
+        raise ShapeError("part", part.shape, "(h, w) grayscale")
     s = placement.scale
     m = frame_from_window(placement.x0, placement.y0, s)[:2].copy()
-    h, w = gray.shape
-    # Work on the part of the frame the window covers (plus a border for the filter).
-    pad = 2 + math.ceil(2 * s)
-    fx0 = max(0, math.floor(placement.x0) - pad)
-    fy0 = max(0, math.floor(placement.y0) - pad)
-    fx1 = min(w, math.ceil(placement.x0 + size * s) + pad)
-    fy1 = min(h, math.ceil(placement.y0 + size * s) + pad)
-    if fx1 <= fx0 or fy1 <= fy0:
-        return np.zeros((size, size), dtype=np.uint8)
-    src = gray[fy0:fy1, fx0:fx1]
+    src = part
     if s > 1.0:
         sigma = 0.5 * math.sqrt(s * s - 1.0)
         src = np.asarray(
@@ -110,8 +139,8 @@ def extract_window(
             ),
             dtype=np.uint8,
         )
-    m[0, 2] -= fx0
-    m[1, 2] -= fy0
+    m[0, 2] -= origin[0]
+    m[1, 2] -= origin[1]
     return np.asarray(sample_through(src, m, (size, size)), dtype=np.uint8)
 
 

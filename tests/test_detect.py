@@ -30,6 +30,7 @@ from edge_stn.config import (  # noqa: E402
 from edge_stn.data.scenes import DigitPlacement, SceneObject, SceneRenderer  # noqa: E402
 from edge_stn.detect import (  # noqa: E402
     Detector,
+    LazyCrop,
     ProposalFinder,
     box_iou,
     canonical_crop,
@@ -37,7 +38,7 @@ from edge_stn.detect import (  # noqa: E402
     nms,
 )
 from edge_stn.detect.crops import quality_steps  # noqa: E402
-from edge_stn.errors import ShapeError  # noqa: E402
+from edge_stn.errors import DTypeError, ShapeError  # noqa: E402
 from edge_stn.geometry import apply_affine, crop_quad, frame_from_crop  # noqa: E402
 from edge_stn.records import Frame, FrameResult  # noqa: E402
 from edge_stn.runtime.engine import Engine  # noqa: E402
@@ -492,9 +493,44 @@ def test_rois_and_full_frame_modes() -> None:
     np.testing.assert_array_equal(ProposalFinder(full, roi)(gray), [[20, 30, 60, 90]])
 
 
-def test_proposals_reject_colour_frames() -> None:
+def test_windows_cut_from_colour_parts_equal_those_of_the_gray_frame(
+    detector: Detector, shots
+) -> None:
+    """Only each window's part of a colour frame is converted to gray: the windows are exactly
+    those cut from a gray copy of the whole frame, at the borders too."""
+    tint = np.array([0.7, 1.0, 1.3])
+    for s in shots[:4]:
+        bgr = np.clip(s.frame.image * tint, 0, 255).astype(np.uint8)
+        frame = Frame(s.frame.camera_id, s.frame.index, s.frame.capture_ts, bgr)
+        h, w = bgr.shape[:2]
+        edges = [[0, 0, 12, 20], [w - 30, h - 9, w, h], [w - 2, 5, w + 40, 60]]
+        boxes = np.vstack([detector.proposals(frame), edges])
+        got = detector.windows(frame, boxes).images
+        gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        want = np.stack([extract_window(gray, place_window(b, detector.spec), detector.spec.size)
+                         for b in boxes])[:, None]  # fmt: skip
+        np.testing.assert_array_equal(got, want)
+
+
+def test_proposals_of_a_colour_frame_are_those_of_its_gray_copy(shots) -> None:
+    """A BGR frame is converted to gray only on the reduced copy and where boxes are refined:
+    the boxes are those of the whole frame converted first (the reduced copy may differ by a
+    grey level of rounding, which must not move a box)."""
+    finder = ProposalFinder()
+    tint = np.array([0.7, 1.0, 1.3])
+    for s in shots[:6]:
+        bgr = np.clip(s.frame.image * tint, 0, 255).astype(np.uint8)
+        gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        a, b = finder(bgr), finder(gray)
+        assert a.shape == b.shape and a.shape[0] >= len(s.truth)
+        assert (box_iou(a, b).max(axis=1) >= 0.95).all()
+
+
+def test_proposals_reject_frames_that_are_neither_gray_nor_bgr() -> None:
     with pytest.raises(ShapeError):
-        ProposalFinder()(np.zeros((10, 10, 3), np.uint8))
+        ProposalFinder()(np.zeros((10, 10, 4), np.uint8))
+    with pytest.raises(DTypeError):
+        ProposalFinder()(np.zeros((10, 10, 3), np.float32))
 
 
 # ---------------------------------------------------------------- NMS
@@ -530,6 +566,18 @@ def test_canonical_crop_of_a_detection(detector: Detector, shots) -> None:
     assert gray.max() > 200 and gray.mean() > 20
     with pytest.raises(ShapeError):
         canonical_crop(s.gray, np.eye(3), size)
+
+
+def test_lazy_crop_is_cut_and_encoded_only_when_read(detector: Detector, shots) -> None:
+    s = shots[0]
+    (r,) = detector.detect([s.frame])
+    d = r.detections[0]
+    lazy = LazyCrop(s.frame.image, d.affine, 40, quality=80, max_bytes=65536)
+    assert (lazy.width, lazy.height) == (40, 40) and "encoded" not in vars(lazy)
+    want = encode_jpeg(canonical_crop(s.frame.image, d.affine, 40), 80, 65536)
+    assert lazy.data == want.data and lazy.data is not None and "encoded" in vars(lazy)
+    assert lazy.data is lazy.data  # encoded once
+    assert LazyCrop(s.frame.image, d.affine, 40, max_bytes=10).data is None  # over the limit
 
 
 def test_jpeg_respects_the_payload_limit() -> None:

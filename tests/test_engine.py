@@ -20,7 +20,14 @@ ort = pytest.importorskip("onnxruntime")
 from edge_stn import config as config_mod  # noqa: E402
 from edge_stn.config import BatchProfileConfig, ModelConfig  # noqa: E402
 from edge_stn.errors import DTypeError, MissingExtraError, ModelError, ShapeError  # noqa: E402
-from edge_stn.runtime.engine import Engine, provider_plan, softmax  # noqa: E402
+from edge_stn.runtime.engine import (  # noqa: E402
+    CPU_MAX_BATCH,
+    Engine,
+    default_intra_op_threads,
+    provider_plan,
+    softmax,
+    usable_cores,
+)
 from edge_stn.runtime.metadata import METADATA_KEY, file_sha256  # noqa: E402
 from edge_stn.windows import WindowSpec  # noqa: E402
 
@@ -92,7 +99,7 @@ def test_metadata_properties(engine: Engine) -> None:
     assert engine.name == "tc-stcnn"
     assert engine.sha256 == json.loads(TC_MODEL.with_suffix(".json").read_text())["sha256"]
     assert engine.providers == ["CPUExecutionProvider"]
-    assert engine.warmup_s is not None and engine.max_batch is None
+    assert engine.warmup_s is not None and engine.max_batch == CPU_MAX_BATCH
 
 
 def test_split_batches_equal_one_batch(engine: Engine, monkeypatch) -> None:
@@ -102,6 +109,21 @@ def test_split_batches_equal_one_batch(engine: Engine, monkeypatch) -> None:
     parts = engine.infer(x)
     for a, b in zip(whole, parts, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cpu_threads_default_to_half_the_cores_and_big_batches_are_split() -> None:
+    eng = Engine(ModelConfig(path=TC_MODEL, providers=["cpu"]))
+    assert eng.intra_op_threads == default_intra_op_threads() == max(1, usable_cores() // 2)
+    assert (
+        Engine(ModelConfig(path=TC_MODEL, providers=["cpu"], intra_op_threads=3)).intra_op_threads
+        == 3
+    )
+    x = images(CPU_MAX_BATCH + 5, seed=2)
+    logits, theta = eng.infer(x)  # two calls of at most CPU_MAX_BATCH
+    tail_logits, tail_theta = eng.infer(x[CPU_MAX_BATCH:])
+    assert logits.shape == (CPU_MAX_BATCH + 5, 10) and theta.shape == (CPU_MAX_BATCH + 5, 2, 3)
+    np.testing.assert_allclose(logits[CPU_MAX_BATCH:], tail_logits, atol=1e-5)
+    np.testing.assert_allclose(theta[CPU_MAX_BATCH:], tail_theta, atol=1e-6)
 
 
 def test_empty_batch_and_softmax(engine: Engine) -> None:

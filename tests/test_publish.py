@@ -645,3 +645,18 @@ def test_publisher_from_daemon_config() -> None:
     assert pub.topics.result("door") == "site/edge/gw7/cam/door/result"
     assert pub.info.cameras == ("door",) and len(pub.info.config_hash) == 64
     pub.stop()  # never started: nothing to do
+
+
+def test_nagle_is_off_on_the_broker_connection(
+    mosquitto: Mosquitto, publisher_factory: Any
+) -> None:
+    """paho leaves Nagle's algorithm on; with it, a message sent while an earlier one (a QoS 0
+    stats message, which gets no PUBACK) awaits the broker's delayed ACK waits up to 40 ms."""
+    import socket
+
+    pub = publisher_factory(mqtt_config(mosquitto))
+    pub.start()
+    assert pub.wait_connected(10)
+    sock = pub._client.socket()
+    assert sock is not None
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

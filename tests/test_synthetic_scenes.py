@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from edge_stn import cli
-from edge_stn.data.scenes import INK_THRESHOLD, DigitPlacement, SceneRenderer, digit_matrix
+from edge_stn.data.scenes import (
+    INK_THRESHOLD,
+    DigitPlacement,
+    SceneRenderer,
+    compose,
+    digit_matrix,
+)
 from edge_stn.video.synthetic import MotionSettings, MovingDigits, load_digit_asset
 
 FIELDS = "codec_name,width,height,nb_frames"
@@ -78,6 +84,26 @@ def test_shear_and_aspect_move_the_ink_as_the_placement_says() -> None:
     np.testing.assert_allclose(centre, [100, 100])
     # x += shear * y (digit frame), then x scaled by s * sqrt(aspect), y by s / sqrt(aspect).
     np.testing.assert_allclose(m[:, :2], [[3 * 1.2**0.5, 0.3 * 3 / 1.2**0.5], [0, 3 / 1.2**0.5]])
+
+
+def test_cached_backdrop_renders_what_a_frame_drawn_from_scratch_shows() -> None:
+    """The camera draws a segment's ramp and clutter once and only the digits per frame; without
+    noise its frames are, pixel for pixel, background + clutter + digits composed from scratch
+    (blur included), in every segment and after going back to an earlier one."""
+    gen = MovingDigits(320, 240, seed=4, settings=MotionSettings(noise=0.0, blur=(0.5, 1.5)))
+    for index in (0, 5, gen.segment_frames + 3, 2 * gen.segment_frames, 7):
+        segment = index // gen.segment_frames
+        background = gen.renderer.background_image(320, 240, gen._rng(3, segment))
+        ink = np.zeros((240, 320), np.float32)
+        rng = gen._rng(2, segment)
+        for _ in range(gen.settings.clutter):
+            gen.renderer.draw_clutter(ink, rng, zoom=(1.5, 5.0), level=(50.0, 220.0))
+        for p in gen.placements(index):
+            gen.renderer.draw_digit(ink, p)
+        blur = gen._segment(segment).blur
+        assert blur > 0
+        expected = compose(background, ink, np.random.default_rng(0), blur=blur, noise=0.0)
+        np.testing.assert_array_equal(gen.scene(index).image, expected)
 
 
 def test_settings_reject_impossible_ranges() -> None:

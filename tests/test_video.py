@@ -563,6 +563,56 @@ def test_make_source_per_kind(tmp_path: Path):
     assert make_reader(CameraConfig(source="synthetic", fps=7), threading.Event()).fps is None
 
 
+def test_synthetic_camera_takes_size_digits_and_seed_from_its_config():
+    cam = CameraConfig(
+        source="synthetic", fps=5, synthetic={"width": 320, "height": 200, "objects": 5, "seed": 9}
+    )
+    syn = make_source(cam)
+    assert isinstance(syn, SyntheticCamera) and "320x200" in syn.description
+    with syn:
+        frame = syn.read()
+    assert frame is not None and frame.image.shape == (200, 320, 3)
+    assert len(syn.objects(frame.index)) == 5
+    other = make_source(
+        CameraConfig(
+            source="synthetic", synthetic={"width": 320, "height": 200, "objects": 5, "seed": 8}
+        )
+    )
+    assert isinstance(other, SyntheticCamera)
+    assert other.objects(0) != syn.objects(0)  # another seed, another scene
+    with pytest.raises(ValueError, match="synthetic"):
+        CameraConfig(source="/videos/a.mp4", synthetic={"width": 320})
+
+
+def test_synthetic_noise_changes_every_frame_and_keeps_its_level():
+    """Sensor noise of the configured level, fresh in every frame (a window of a shared field
+    at a per-frame offset), on a background and clutter that noise does not change."""
+    quiet = MotionSettings(count=0, clutter=0, noise=0.0)
+    clean = MovingDigits(160, 120, seed=0, settings=quiet).scene(3).image.astype(np.float64)
+    gen = MovingDigits(160, 120, seed=0, settings=MotionSettings(count=0, clutter=0, noise=4.0))
+    away = clean >= 12  # 3 sigma from 0: clipping cannot shrink the noise there
+    r3, r4 = (gen.scene(i).image.astype(np.float64) - clean for i in (3, 4))
+    assert away.mean() > 0.3
+    assert 3.4 < np.std(r3[away]) < 4.6  # sigma 4, rounded to whole grey levels
+    assert abs(np.corrcoef(r3[away], r4[away])[0, 1]) < 0.2  # not a frozen pattern
+
+
+def test_synthetic_cameras_of_one_rate_tick_together():
+    """Frames fall on whole multiples of the period, whenever a camera was opened: cameras of
+    one rate deliver at the same instants (the detector's worst case, every time)."""
+    now = [100.03]
+    cams = [
+        SyntheticCamera(f"c{i}", width=32, height=24, fps=10, clock=lambda: now[0])
+        for i in range(2)
+    ]
+    cams[0].open()
+    now[0] = 100.07  # the second camera opens 40 ms later
+    cams[1].open()
+    now[0] = 100.25
+    a, b = cams[0].read(), cams[1].read()
+    assert a is not None and b is not None and a.index == b.index == 1  # due at 100.1 + i/10
+
+
 def test_ffmpeg_options_keep_the_operators_own():
     assert ffmpeg_options("tcp", None) == "rtsp_transport;tcp"
     assert ffmpeg_options("udp", "stimeout;5000000") == "stimeout;5000000|rtsp_transport;udp"

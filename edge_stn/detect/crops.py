@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -100,3 +101,32 @@ def encode_jpeg(
             best = (int(q), len(data))
     assert best is not None
     return EncodedCrop(None, int(q), best[1], w, h)
+
+
+class LazyCrop:
+    """A detection's canonical crop, cut and JPEG-encoded the first time its bytes are asked
+    for (it fits :class:`edge_stn.publish.client.JpegCrop`): the publisher takes a result's
+    slot first and only then reads its crops, so a result it drops costs no crops."""
+
+    def __init__(
+        self,
+        image: ImageArray,
+        affine: npt.ArrayLike,
+        size: int,
+        quality: int = 90,
+        max_bytes: int | None = None,
+    ) -> None:
+        self._image = image
+        self._affine = affine
+        self.width = self.height = int(size)
+        self._quality = quality
+        self._max_bytes = max_bytes
+
+    @cached_property
+    def encoded(self) -> EncodedCrop:
+        crop = canonical_crop(self._image, self._affine, self.width)
+        return encode_jpeg(crop, self._quality, self._max_bytes)
+
+    @property
+    def data(self) -> bytes | None:
+        return self.encoded.data

@@ -5,7 +5,8 @@ background rejection, score threshold, NMS -> detections with their pixel affine
 proposals on a reduced grayscale copy (:mod:`edge_stn.detect.proposals`, configured per camera),
 cuts a window per proposal with the one window extractor (:mod:`edge_stn.windows`, the model's
 window spec), and stacks the windows of *all* frames into one ONNX Runtime call (split only above
-``max_batch``). A window whose best class is the model's background label, or whose best
+``max_batch``). A colour frame is never converted to gray as a whole: the proposals use a reduced
+copy and refine boxes on their own parts, and each window converts only the part it reads. A window whose best class is the model's background label, or whose best
 probability is below ``score_threshold``, is dropped; the survivors of each frame go through
 class-agnostic NMS and ``max_per_frame``. Each detection carries:
 
@@ -25,6 +26,7 @@ stops the other frames. Torch-free; ONNX Runtime is reached only through the eng
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -41,7 +43,13 @@ from edge_stn.errors import ModelError
 from edge_stn.geometry import crop_quad, frame_from_crop
 from edge_stn.records import Detection, Frame, FrameResult
 from edge_stn.runtime.engine import softmax
-from edge_stn.windows import WindowPlacement, WindowSpec, extract_window, place_window
+from edge_stn.windows import (
+    WindowPlacement,
+    WindowSpec,
+    place_window,
+    window_bounds,
+    window_from_part,
+)
 
 if TYPE_CHECKING:
     from edge_stn.runtime.engine import Engine
@@ -70,7 +78,9 @@ class DetectorStats:
 
 
 @dataclass(frozen=True)
-class _FrameWindows:
+class FrameWindows:
+    """One frame's proposals, their window placements and the windows ``(N, C, S, S)``."""
+
     boxes: npt.NDArray[np.float64]
     placements: list[WindowPlacement]
     images: npt.NDArray[np.uint8]
@@ -144,6 +154,7 @@ class Detector:
         }
         self._default_finder = ProposalFinder()
         self.stats = DetectorStats()
+        self._stats_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, engine: Engine, config: DaemonConfig, **kw: Any) -> Detector:
@@ -162,14 +173,14 @@ class Detector:
     # ------------------------------------------------------------ stages
 
     def proposals(self, frame: Frame, gray: GrayImage | None = None) -> npt.NDArray[np.float64]:
-        """Proposal boxes of one frame (none, logged and counted, if the frame breaks them);
-        ``gray`` is the frame in grayscale when the caller has it."""
+        """Proposal boxes of one frame (none, logged and counted, if the frame breaks them).
+        They are found on the colour frame itself (a reduced gray copy, and gray only where
+        boxes are refined) unless the caller passes the frame in ``gray``."""
         try:
-            if gray is None:
-                gray = to_gray(frame)
-            return self.finder(frame.camera_id)(gray)
+            return self.finder(frame.camera_id)(frame.image if gray is None else gray)
         except (cv2.error, ValueError) as exc:
-            self.stats.frame_errors += 1
+            with self._stats_lock:
+                self.stats.frame_errors += 1
             logger.warning(
                 "camera %s frame %d: proposals failed (%s); no detections for this frame",
                 frame.camera_id,
@@ -180,23 +191,41 @@ class Detector:
 
     def windows(
         self, frame: Frame, boxes: npt.NDArray[np.float64], gray: GrayImage | None = None
-    ) -> _FrameWindows:
-        """The model's windows of one frame's boxes, ``(N, C, S, S)`` uint8."""
+    ) -> FrameWindows:
+        """The model's windows of one frame's boxes, ``(N, C, S, S)`` uint8.
+
+        Each window reads only its own part of the frame (:func:`window_bounds`); for a gray
+        model only that part is converted to gray, which gives the same pixels as cutting it
+        from a gray copy of the whole frame (``gray``, when the caller has one).
+        """
         size = self.spec.size
         c = self.engine.channels
         n = boxes.shape[0]
         images = np.zeros((n, c, size, size), dtype=np.uint8)
         placements = [place_window(b, self.spec) for b in boxes]
-        if n:
-            planes = (
-                [gray if gray is not None else to_gray(frame)]
-                if c == 1
-                else [np.ascontiguousarray(frame.image[:, :, i]) for i in range(3)]
-            )
-            for i, p in enumerate(placements):
-                for ch, plane in enumerate(planes):
-                    images[i, ch] = extract_window(plane, p, size)
-        return _FrameWindows(boxes, placements, images)
+        image = frame.image
+        for i, p in enumerate(placements):
+            bounds = window_bounds(p, size, image.shape)
+            if bounds is None:
+                continue  # the window misses the frame: black, as extract_window gives
+            x0, y0, x1, y1 = bounds
+            if c == 1:
+                part = (
+                    gray[y0:y1, x0:x1]
+                    if gray is not None
+                    else cv2.cvtColor(image[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
+                )
+                images[i, 0] = window_from_part(np.asarray(part), (x0, y0), p, size)
+            else:
+                for ch in range(3):
+                    part = np.ascontiguousarray(image[y0:y1, x0:x1, ch])
+                    images[i, ch] = window_from_part(part, (x0, y0), p, size)
+        return FrameWindows(boxes, placements, images)
+
+    def prepare(self, frame: Frame) -> FrameWindows:
+        """Everything the batch needs from one frame before the model runs: its proposals and
+        their windows."""
+        return self.windows(frame, self.proposals(frame))
 
     def _infer(
         self, images: npt.NDArray[np.uint8]
@@ -213,7 +242,7 @@ class Detector:
 
     def _frame_detections(
         self,
-        fw: _FrameWindows,
+        fw: FrameWindows,
         probs: npt.NDArray[np.float32],
         thetas: npt.NDArray[np.float32],
     ) -> tuple[Detection, ...]:
@@ -268,10 +297,7 @@ class Detector:
 
     def detect(self, frames: Sequence[Frame]) -> list[FrameResult]:
         """One :class:`FrameResult` per frame, in the order given, from one batched model call."""
-        per_frame = []
-        for f in frames:
-            gray = to_gray(f)
-            per_frame.append(self.windows(f, self.proposals(f, gray), gray))
+        per_frame = [self.prepare(f) for f in frames]
         counts = [fw.images.shape[0] for fw in per_frame]
         total = sum(counts)
         c, s = self.engine.channels, self.spec.size

@@ -2,9 +2,11 @@
 
 Methods (``cameras[].proposals.method``):
 
-* ``components`` (default) and ``contours``: the grayscale frame (or its region of interest) is
-  reduced to ``reduce_to`` pixels wide and binarized, closed with a 3x3 ellipse so broken strokes
-  join, and split into 8-connected components (or external contours). Binarization (``threshold``):
+* ``components`` (default) and ``contours``: the frame (or its region of interest) is reduced
+  to a grayscale copy ``reduce_to`` pixels wide (:func:`reduced_gray`: the full-resolution frame
+  is read once and never converted to gray as a whole) and binarized, closed with a 3x3 ellipse
+  so broken strokes join, and split into 8-connected components (or external contours).
+  Binarization (``threshold``):
 
   - ``local`` (default): the background is a morphological opening of the reduced copy with a
     ``background_kernel`` square (it removes every stroke narrower than the kernel, and keeps
@@ -19,7 +21,8 @@ Methods (``cameras[].proposals.method``):
   dilated by one reduced pixel), so a neighbour's ink never widens it: with ``local``, the pixels
   (smoothed 3x3) that rise above the background by the level and by a quarter of the candidate's
   own peak, so faint and strong objects get the same edges (the synthetic truth's: ink above a
-  quarter of full strength); otherwise the pixels above the level.
+  quarter of full strength); otherwise the pixels above the level. Only that part of a colour
+  frame is converted to gray.
   The demo model was trained on tight ink boxes jittered by ~6%, so a tight box is what it
   expects. Boxes outside ``[min_area, max_area]`` (full-frame pixels) are dropped.
 * ``rois``: the configured boxes as they are (clipped to the frame);
@@ -30,8 +33,9 @@ contrast (black, flat grey, pure sensor noise) yields no proposals: with ``local
 above the noise; with ``otsu`` the two classes must differ by ``MIN_CONTRAST`` grey levels,
 otherwise Otsu would split noise into thousands of specks.
 
-Boxes are ``[x0, y0, x1, y1]`` in frame pixels, edge coordinates (pixel ``i`` spans ``[i, i+1)``,
-as ``cv2.boundingRect`` reports), float64, largest first.
+Frames are ``(H, W)`` grayscale or ``(H, W, 3)`` BGR, uint8. Boxes are ``[x0, y0, x1, y1]`` in
+frame pixels, edge coordinates (pixel ``i`` spans ``[i, i+1)``, as ``cv2.boundingRect``
+reports), float64, largest first.
 """
 
 from __future__ import annotations
@@ -62,6 +66,32 @@ _DILATE_KERNEL = np.ones((3, 3), np.uint8)
 
 def empty_boxes() -> FloatArray:
     return np.zeros((0, 4), dtype=np.float64)
+
+
+def to_gray(image: npt.NDArray[np.uint8]) -> GrayImage:
+    """A grayscale ``(h, w)`` image as it is; a BGR ``(h, w, 3)`` one in gray (OpenCV's
+    weights)."""
+    if image.ndim == 2:
+        return image
+    return np.asarray(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), np.uint8)
+
+
+def reduced_gray(image: npt.NDArray[np.uint8], size: tuple[int, int]) -> GrayImage:
+    """``image`` (gray or BGR) reduced to ``size`` ``(width, height)``, in gray.
+
+    Box averages, as ``INTER_AREA`` makes them, but cheaper: exact halvings (a linear resize to
+    half size averages each 2x2 block) while the image is at least twice the target, then
+    ``INTER_AREA`` for what is left, then the conversion to gray on the small copy (averaging
+    and the gray weights are both linear, so the order changes only the rounding).
+    """
+    sw, sh = size
+    img = image
+    while img.shape[1] >= 2 * sw and img.shape[0] >= 2 * sh:
+        half = (img.shape[1] // 2, img.shape[0] // 2)
+        img = np.asarray(cv2.resize(img, half, interpolation=cv2.INTER_LINEAR), np.uint8)
+    if (img.shape[1], img.shape[0]) != (sw, sh):
+        img = np.asarray(cv2.resize(img, (sw, sh), interpolation=cv2.INTER_AREA), np.uint8)
+    return to_gray(img)
 
 
 @dataclass(frozen=True)
@@ -149,21 +179,26 @@ class ProposalFinder:
             raise ValueError(f"max_proposals must be >= 1, got {max_proposals}")
         self.max_proposals = int(max_proposals)
 
-    def __call__(self, gray: GrayImage) -> FloatArray:
-        """Proposal boxes ``(N, 4)`` of a grayscale frame ``(H, W)`` uint8, largest first."""
-        if not isinstance(gray, np.ndarray) or gray.ndim != 2:
-            raise ShapeError("frame", getattr(gray, "shape", ()), "(H, W) grayscale")
-        if gray.dtype != np.uint8:
-            raise DTypeError("frame", gray.dtype, "uint8")
-        region = search_region(gray.shape, self.roi)
-        if region is None or 0 in gray.shape:
+    def __call__(self, image: npt.NDArray[np.uint8]) -> FloatArray:
+        """Proposal boxes ``(N, 4)`` of a frame, ``(H, W)`` gray or ``(H, W, 3)`` BGR uint8,
+        largest first."""
+        if (
+            not isinstance(image, np.ndarray)
+            or image.ndim not in (2, 3)
+            or (image.ndim == 3 and image.shape[2] != 3)
+        ):
+            raise ShapeError("frame", getattr(image, "shape", ()), "(H, W) gray or (H, W, 3) BGR")
+        if image.dtype != np.uint8:
+            raise DTypeError("frame", image.dtype, "uint8")
+        region = search_region(image.shape, self.roi)
+        if region is None or 0 in image.shape[:2]:
             return empty_boxes()
         cfg = self.config
         if cfg.method == "full_frame":
             return np.array([[region.x0, region.y0, region.x1, region.y1]], dtype=np.float64)
         if cfg.method == "rois":
-            return self._fixed_rois(gray.shape)
-        part = gray[region.y0 : region.y1, region.x0 : region.x1]
+            return self._fixed_rois(image.shape)
+        part = image[region.y0 : region.y1, region.x0 : region.x1]
         boxes = self._ink_components(part)
         if boxes.shape[0]:
             boxes += [region.x0, region.y0, region.x0, region.y0]
@@ -177,16 +212,12 @@ class ProposalFinder:
                 out.append([region.x0, region.y0, region.x1, region.y1])
         return np.array(out, dtype=np.float64).reshape(-1, 4)
 
-    def _ink_components(self, part: GrayImage) -> FloatArray:
+    def _ink_components(self, part: npt.NDArray[np.uint8]) -> FloatArray:
         cfg = self.config
-        h, w = part.shape
+        h, w = part.shape[:2]
         sw = min(w, cfg.reduce_to)
         sh = max(1, round(h * sw / w))
-        small = (
-            part
-            if (sw, sh) == (w, h)
-            else np.asarray(cv2.resize(part, (sw, sh), interpolation=cv2.INTER_AREA), np.uint8)
-        )
+        small = reduced_gray(part, (sw, sh))
         background: GrayImage | None = None
         if cfg.threshold == "local":
             background, level = local_background(small, cfg.background_kernel, cfg.min_contrast)
@@ -235,7 +266,7 @@ class ProposalFinder:
 
     @staticmethod
     def _tight_box(
-        part: GrayImage,
+        part: npt.NDArray[np.uint8],
         labels: npt.NDArray[np.int32],
         k: int,
         rect: tuple[int, int, int, int],
@@ -250,7 +281,7 @@ class ProposalFinder:
         x, y, bw, bh = rect
         fx, fy = factor
         sh, sw = labels.shape
-        h, w = part.shape
+        h, w = part.shape[:2]
         # Support: the candidate's reduced mask, dilated by one reduced pixel.
         lx0, ly0 = max(0, x - 1), max(0, y - 1)
         lx1, ly1 = min(sw, x + bw + 1), min(sh, y + bh + 1)
@@ -262,11 +293,12 @@ class ProposalFinder:
         X1, Y1 = min(w, math.ceil(lx1 * fx)), min(h, math.ceil(ly1 * fy))
         ix = np.clip(((np.arange(X0, X1) + 0.5) / fx).astype(np.int64) - lx0, 0, lx1 - lx0 - 1)
         iy = np.clip(((np.arange(Y0, Y1) + 0.5) / fy).astype(np.int64) - ly0, 0, ly1 - ly0 - 1)
+        gray = to_gray(part[Y0:Y1, X0:X1])
         if background is None:
-            above = part[Y0:Y1, X0:X1] > level
+            above = gray > level
         else:
             local = background[ly0:ly1, lx0:lx1][np.ix_(iy, ix)].astype(np.float32)
-            rise = cv2.blur(part[Y0:Y1, X0:X1], (3, 3)).astype(np.float32) - local
+            rise = cv2.blur(gray, (3, 3)).astype(np.float32) - local
             # The object's edge where its ink falls to a quarter of its own peak (as the
             # renderer's truth draws it), never below the noise level.
             inside = support[np.ix_(iy, ix)]

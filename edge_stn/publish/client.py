@@ -41,6 +41,7 @@ closes the outbox: what was not acknowledged stays there for the next start.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import sys
 import threading
@@ -253,6 +254,17 @@ def packet_size(topic: str, payload_len: int, props: Properties | None) -> int:
     return 1 + _varint_len(body) + body
 
 
+def disable_nagle(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Turn Nagle's algorithm off on the broker connection (paho leaves it on): with it, a
+    small message sent while an earlier one still awaits the broker's delayed TCP ACK (up to
+    40 ms) is held back, and a QoS 0 ``stats`` message, which gets no PUBACK, delayed the results
+    after it by up to 40 ms (docs/benchmarks.md)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (a proxy or websocket wrapper)
+        logger.debug("MQTT: could not set TCP_NODELAY on %r", sock)
+
+
 class MqttPublisher:
     """Publishes a device's status, results, crops and stats to one broker (DESIGN §6).
 
@@ -407,6 +419,7 @@ class MqttPublisher:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_socket_open = disable_nagle
         return client
 
     def _set_tls(self, client: mqtt.Client) -> None:

@@ -16,6 +16,7 @@ Torch-free. ``onnxruntime`` comes from the ``cpu`` or the ``gpu`` extra (never b
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,8 @@ ORT_PROVIDERS: dict[ProviderName, str] = {
     "cpu": "CPUExecutionProvider",
 }
 CPU = ORT_PROVIDERS["cpu"]
+CPU_MAX_BATCH = 32
+"""Largest batch given to the CPU provider at once (bigger ones are split)."""
 
 ProviderPlan = list[tuple[str, dict[str, str]]]
 
@@ -114,6 +117,22 @@ def provider_plan(
         logger.info("execution provider cpu added as the last fallback")
         plan.append((CPU, {}))
     return plan
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which a container may limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_intra_op_threads() -> int:
+    """ONNX Runtime's CPU threads when the config says 0: half the cores, at least one. The
+    model is not the only work: video decoding (FFmpeg's own threads), proposals, crops and
+    MQTT need the other half, and a model that takes every core stalls them (measured in
+    docs/benchmarks.md: on two cores one thread gives the daemon more frames per second)."""
+    return max(1, usable_cores() // 2)
 
 
 def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
@@ -220,17 +239,20 @@ class Engine:
         for name, opts in plan:
             if name == ORT_PROVIDERS["tensorrt"]:
                 self._make_cache_dir(Path(opts["trt_engine_cache_path"]))
+        self.intra_op_threads: int = self.config.intra_op_threads or default_intra_op_threads()
         self.session = self._open_session(ort, plan)
         self.providers: list[str] = list(self.session.get_providers())
         wanted = " > ".join(p.name for p in self.config.providers)
         got = ", ".join(self.providers)
         logger.info(
-            "model %s (sha256 %s..., trust: %s) runs on %s (preference: %s)",
+            "model %s (sha256 %s..., trust: %s) runs on %s (preference: %s; %d CPU thread%s)",
             self.path,
             self.sha256[:12],
             self.trust,
             got,
             wanted,
+            self.intra_op_threads,
+            "" if self.intra_op_threads == 1 else "s",
         )
         first = ORT_PROVIDERS[self.config.providers[0].name]
         if self.providers[:1] != [first]:
@@ -243,12 +265,17 @@ class Engine:
                 self.config.providers[0].name,
                 got,
             )
-        # With TensorRT the engine is built for the profile: bigger batches are split.
+        # With TensorRT the engine is built for the profile: bigger batches are split. On the
+        # CPU a crop costs the same above a few per batch, while ONNX Runtime's memory arena
+        # grows with the largest batch it has seen: split there too, so memory stays bounded
+        # however many cameras feed one batch.
         self.max_batch: int | None = None
         if self.providers and self.providers[0] == ORT_PROVIDERS["tensorrt"]:
             trt = self.config.provider("tensorrt")
             configured = trt.options.batch_profile if isinstance(trt, TensorRTProvider) else None
             self.max_batch = (configured or self.batch_profile or BatchProfileConfig()).max
+        elif self.providers[:1] == [CPU]:
+            self.max_batch = CPU_MAX_BATCH
         self._check_io()
         self.warmup_s: float | None = None
         if warmup:
@@ -273,7 +300,11 @@ class Engine:
 
     def _open_session(self, ort: Any, plan: ProviderPlan) -> Any:
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.config.intra_op_threads
+        opts.intra_op_num_threads = self.intra_op_threads
+        opts.inter_op_num_threads = 1  # sequential execution: the inter-op pool would idle
+        # Idle intra-op workers must sleep, not spin: on a gateway the cores they would burn
+        # decode video and run the pipeline's other threads.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only: ORT's warnings about node placement are noise
 
         def session(plan: ProviderPlan) -> Any:

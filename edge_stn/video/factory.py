@@ -6,14 +6,14 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from edge_stn.config import CameraConfig
+from edge_stn.config import CameraConfig, SyntheticConfig
 from edge_stn.errors import SourceError
 from edge_stn.video.base import FrameSource
 from edge_stn.video.file import FileSource
 from edge_stn.video.opencv import LiveSource
 from edge_stn.video.pacing import Backoff
 from edge_stn.video.reader import CameraReader
-from edge_stn.video.synthetic import DEFAULT_FPS, SyntheticCamera
+from edge_stn.video.synthetic import DEFAULT_FPS, MotionSettings, SyntheticCamera
 
 
 def make_source(camera: CameraConfig) -> FrameSource:
@@ -22,7 +22,17 @@ def make_source(camera: CameraConfig) -> FrameSource:
     kind = camera.kind
     if kind == "synthetic":
         # The synthetic camera produces frames at its own rate: `fps` sets that rate.
-        return SyntheticCamera(camera.id, fps=camera.fps or DEFAULT_FPS)
+        scene = camera.synthetic or SyntheticConfig()
+        return SyntheticCamera(
+            camera.id,
+            width=scene.width,
+            height=scene.height,
+            fps=camera.fps or DEFAULT_FPS,
+            seed=scene.seed,
+            settings=MotionSettings()
+            if scene.objects is None
+            else MotionSettings(count=scene.objects),
+        )
     if kind == "file":
         return FileSource(camera.id, Path(str(camera.source)))
     return LiveSource(

@@ -10,9 +10,16 @@ with clutter strokes cut from other digits; the segment's blur and per-frame sen
 truth of a frame is one :class:`~edge_stn.data.scenes.SceneObject` per digit: label, tight ink
 box (edge coordinates), centre, rotation, scale, shear, aspect and contrast.
 
+Rendering is cheap enough for many cameras on a small gateway: a segment's background ramp and
+clutter ink are drawn once per segment, a frame draws only its moving digits, and the sensor
+noise is a window of one Gaussian field per frame size (shared by every camera) at an offset
+drawn from ``(seed, frame index)``, scaled by the segment's noise level, instead of a fresh
+normal sample per pixel per frame.
+
 :class:`SyntheticCamera` is a live source of those frames. It runs on the wall clock: frame
-``i`` is due ``i / fps`` seconds after ``open()``, a read waits for the next due frame, and
-when rendering or the reader falls behind it skips to the frame due now (frame indices jump,
+``i`` is due ``i / fps`` seconds after ``open()`` (rounded up to a whole multiple of the period on
+the clock, so that cameras of the same rate tick at the same instants), a read waits for the
+next due frame, and when rendering or the reader falls behind it skips to the frame due now (frame indices jump,
 as a real camera's sequence numbers do); a slow pipeline loses frames to the reader's
 newest-frame policy, like behind any live camera.
 
@@ -40,7 +47,6 @@ from edge_stn.data.scenes import (
     Scene,
     SceneObject,
     SceneRenderer,
-    compose,
     footprint_radius,
 )
 from edge_stn.errors import SourceError
@@ -201,6 +207,34 @@ class _Segment:
     blur: float
 
 
+@dataclass(frozen=True)
+class _Backdrop:
+    """A segment's still part, drawn once: the background ramp (one row) and the clutter."""
+
+    segment: int
+    ramp: npt.NDArray[np.float32]
+    """``(width,)``: every row of the background."""
+    clutter: npt.NDArray[np.float32]
+    """``(height, width)`` ink layer of the clutter strokes (read-only)."""
+    clutter_boxes: tuple[tuple[float, float, float, float], ...]
+
+
+NOISE_MARGIN = 64
+"""The shared noise field is this many pixels larger than the frame on each axis; each frame
+takes the window at its own offset."""
+
+
+@lru_cache(maxsize=4)
+def noise_field(height: int, width: int) -> npt.NDArray[np.float32]:
+    """Unit Gaussian noise for frames of ``height x width``, made once per size and shared by
+    every camera (read-only): drawing a normal sample per pixel per frame cost half of a
+    frame's rendering."""
+    rng = np.random.default_rng([0, _NOISE])
+    field = rng.standard_normal((height + NOISE_MARGIN, width + NOISE_MARGIN), dtype=np.float32)
+    field.setflags(write=False)
+    return field
+
+
 class MovingDigits:
     """Frames of moving digits, each a pure function of ``(seed, frame index)``."""
 
@@ -222,6 +256,7 @@ class MovingDigits:
         self.pool = pool if pool is not None else load_digit_asset()
         self.renderer = SceneRenderer(self.pool, noise=0.0, background=self.settings.background)
         self.segment_frames = max(1, round(self.settings.segment_s * self.fps))
+        self._backdrop_cache: _Backdrop | None = None
 
     def describe(self) -> dict[str, Any]:
         """The generator's settings (for a ground-truth file)."""
@@ -307,32 +342,63 @@ class MovingDigits:
             )
         return out
 
+    def _backdrop(self, segment: int) -> _Backdrop:
+        """The segment's background ramp and clutter ink (only the latest segment is kept: a
+        camera moves forward, and a full-frame layer per segment would add up)."""
+        cached = self._backdrop_cache
+        if cached is not None and cached.segment == segment:
+            return cached
+        s = self.settings
+        ramp = self.renderer.background_image(self.width, 1, self._rng(_BACKGROUND, segment))[0]
+        clutter = np.zeros((self.height, self.width), np.float32)
+        clutter_rng = self._rng(_CLUTTER, segment)
+        boxes = []
+        for _ in range(s.clutter):
+            box = self.renderer.draw_clutter(
+                clutter, clutter_rng, zoom=(1.5, 5.0), level=_as_range(s.contrast, "contrast")
+            )
+            if box is not None:
+                boxes.append(box)
+        clutter.setflags(write=False)
+        backdrop = _Backdrop(segment, ramp, clutter, tuple(boxes))
+        self._backdrop_cache = backdrop
+        return backdrop
+
     def scene(self, index: int) -> Scene:
-        """Frame ``index`` as a grayscale image with its objects (truth) and clutter boxes."""
+        """Frame ``index`` as a grayscale image with its objects (truth) and clutter boxes.
+
+        The segment's clutter ink (cached) with this frame's digits drawn into it, on the
+        segment's background ramp, blurred by the segment's blur, plus the segment's level of
+        sensor noise (a window of :func:`noise_field` at an offset drawn from ``(seed, index)``),
+        rounded and clipped to uint8.
+        """
         if index < 0:
             raise ValueError(f"frame index must be >= 0, got {index}")
         segment = index // self.segment_frames
-        s = self.settings
         seg = self._segment(segment)
-        background = self.renderer.background_image(
-            self.width, self.height, self._rng(_BACKGROUND, segment)
-        )
-        ink = np.zeros((self.height, self.width), np.float32)
+        backdrop = self._backdrop(segment)
+        ink = backdrop.clutter.copy()
         scene = Scene(np.zeros((self.height, self.width), np.uint8))
-        clutter_rng = self._rng(_CLUTTER, segment)
-        for _ in range(s.clutter):
-            box = self.renderer.draw_clutter(
-                ink, clutter_rng, zoom=(1.5, 5.0), level=_as_range(s.contrast, "contrast")
-            )
-            if box is not None:
-                scene.clutter_boxes.append(box)
+        scene.clutter_boxes.extend(backdrop.clutter_boxes)
         for p in self.placements(index):
             obj = self.renderer.draw_digit(ink, p)
             if obj is not None:
                 scene.objects.append(obj)
-        scene.image = compose(
-            background, ink, self._rng(_NOISE, index), blur=seg.blur, noise=seg.noise
-        )
+        img = ink
+        img += backdrop.ramp  # background + ink, every row on the ramp
+        if seg.blur > 0:
+            img = np.asarray(
+                cv2.GaussianBlur(img, (0, 0), sigmaX=seg.blur, sigmaY=seg.blur), np.float32
+            )
+        if seg.noise > 0:
+            dy, dx = self._rng(_NOISE, index).integers(0, NOISE_MARGIN + 1, size=2)
+            window = noise_field(self.height, self.width)[
+                dy : dy + self.height, dx : dx + self.width
+            ]
+            img = np.asarray(cv2.scaleAdd(window, seg.noise, img), np.float32)
+        np.clip(img, 0, 255, out=img)
+        # Non-negative now: convertScaleAbs only rounds to nearest (as np.rint) into uint8.
+        scene.image = np.asarray(cv2.convertScaleAbs(img), np.uint8)
         return scene
 
     def frame_bgr(self, index: int) -> tuple[npt.NDArray[np.uint8], list[SceneObject]]:
@@ -405,7 +471,11 @@ class SyntheticCamera(FrameSource):
 
     def open(self) -> None:
         self.generator  # noqa: B018 (load the digits now: a missing asset fails the open)
-        self._t0 = self._clock() - self._first / self.fps
+        # Frames fall on whole multiples of the period on the clock, so synthetic cameras of
+        # one rate tick together, like genlocked cameras: every tick is the worst case for
+        # the detector (all frames at once), whatever the order the cameras opened in.
+        first_due = math.ceil(self._clock() * self.fps) / self.fps
+        self._t0 = first_due - self._first / self.fps
         self._next = self._first
 
     def read(self) -> Frame | None:
