@@ -296,6 +296,9 @@ def run_daemon(
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=daemon_env(),
+                # Not the caller's folder: `python -m` puts it first on sys.path, and an
+                # edge_stn there (another checkout) would be benchmarked instead of this one.
+                cwd=folder,
             )
         probe = ProcessProbe(proc.pid)
         try:
