@@ -70,6 +70,16 @@ def interleaved(
     return timers
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the source tree when it lies in it (the report is not about where
+    the tree was checked out)."""
+    root = REPO_CHECKPOINT.parents[1]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def torch_skip_reason(checkpoint: Path) -> str | None:
     if importlib.util.find_spec("torch") is None:
         return "torch is not installed (pip install 'edge-stn[train]'): PyTorch not measured"
@@ -186,8 +196,8 @@ def bench_model(
     c, (h, w) = engine.channels, engine.input_size
     return {
         "model": engine.name,
-        "onnx": str(engine.path),
-        "checkpoint": str(checkpoint) if torch_model is not None else None,
+        "onnx": _shown(engine.path),
+        "checkpoint": _shown(checkpoint) if torch_model is not None else None,
         "input": [c, h, w],
         "thread_counts": list(thread_counts),
         "seconds_per_measurement": seconds,
