@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,11 @@ def test_quick_model_and_pipeline_sections(tmp_path: Path) -> None:
     assert "## 1. The model" in md and "| 1 | 8 |" in md and "1920x1080" in md
     assert "Not run (`--sections`)" in md  # latency and scaling
     assert (out / "benchmarks.png").read_bytes()[:4] == b"\x89PNG"
+    # Each daemon run had a fresh outbox of its own in the work folder (a shared one would
+    # replay a previous run's leftovers into this run's figures).
+    # The daemons inherit the state folder (this test's own, see conftest): nothing there.
+    state = Path(os.environ["EDGE_STN_STATE_DIR"])
+    assert not state.is_dir() or not list(state.glob("outbox-*"))
 
 
 @needs_broker

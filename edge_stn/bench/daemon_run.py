@@ -283,6 +283,12 @@ def run_daemon(
     result, then stop it with SIGTERM (as a service manager would).
     """
     cfg_path = folder / f"{name}.yaml"
+    # Every run gets a fresh outbox of its own: the default one (in the user's state folder)
+    # would carry results a stopped run left behind into the next run's measurement.
+    outbox = folder / f"{name}-outbox.sqlite"
+    for leftover in (outbox, *(outbox.with_name(outbox.name + s) for s in ("-wal", "-shm"))):
+        leftover.unlink(missing_ok=True)
+    config = {**config, "outbox": {**config.get("outbox", {}), "path": str(outbox)}}
     cfg_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
     log_path = folder / f"{name}.log"
     collector = ResultCollector(port, config["device_id"])
