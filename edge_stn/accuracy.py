@@ -129,3 +129,30 @@ def score(
         m += mm
         c += cc
     return Accuracy(frames=n, truth=t, detections=d, matched=m, correct=c)
+
+
+PosedDetection = tuple[str, Box, npt.ArrayLike]
+"""``(label, box, affine)``: a detection with its crop -> frame affine."""
+PosedTruth = tuple[str, Box, float]
+"""``(label, box, angle)``: a truth object with its rotation in degrees."""
+
+
+def score_with_pose(
+    frames: Iterable[tuple[Sequence[PosedDetection], Sequence[PosedTruth]]],
+) -> tuple[Accuracy, RotationError]:
+    """:func:`score` and :func:`rotation_error` of the same matches, matched once per frame."""
+    n = t = d = m = c = 0
+    crop_angles: list[float] = []
+    truth_angles: list[float] = []
+    for dets, truth in frames:
+        pairs = match_pairs([b for _, b, _ in dets], [b for _, b, _ in truth])
+        n += 1
+        t += len(truth)
+        d += len(dets)
+        m += len(pairs)
+        for i, j in pairs:
+            c += dets[i][0] == truth[j][0]
+            crop_angles.append(crop_rotation(dets[i][2]))
+            truth_angles.append(truth[j][2])
+    acc = Accuracy(frames=n, truth=t, detections=d, matched=m, correct=c)
+    return acc, rotation_error(crop_angles, truth_angles)

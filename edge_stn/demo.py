@@ -26,14 +26,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from edge_stn.accuracy import (
-    Accuracy,
-    RotationError,
-    crop_rotation,
-    match_pairs,
-    rotation_error,
-    score,
-)
+from edge_stn.accuracy import Accuracy, RotationError, score_with_pose
 from edge_stn.config import load_config
 from edge_stn.errors import EdgeStnError
 from edge_stn.publish.topics import parse_topic
@@ -213,18 +206,13 @@ def demo_accuracy(results: list[dict[str, Any]], fps: float) -> tuple[Accuracy, 
     from edge_stn.video.synthetic import SyntheticCamera
 
     truth_camera = SyntheticCamera(CAMERA, fps=fps)
-    frames = []
-    crop_angles: list[float] = []
-    truth_angles: list[float] = []
-    for doc in results:
-        objects = truth_camera.objects(doc["frame_index"])
-        dets = [(d["label"], d["box"]) for d in doc["detections"]]
-        truth = [(str(o.label), o.box) for o in objects]
-        frames.append((dets, truth))
-        for i, j in match_pairs([b for _, b in dets], [b for _, b in truth]):
-            crop_angles.append(crop_rotation(doc["detections"][i]["affine"]))
-            truth_angles.append(objects[j].angle)
-    return score(frames), rotation_error(crop_angles, truth_angles)
+    return score_with_pose(
+        (
+            [(d["label"], d["box"], d["affine"]) for d in doc["detections"]],
+            [(str(o.label), o.box, o.angle) for o in truth_camera.objects(doc["frame_index"])],
+        )
+        for doc in results
+    )
 
 
 def run_demo(seconds: float = 20.0, out: Path = Path("demo-out")) -> int:

@@ -18,14 +18,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edge_stn.accuracy import (
-    Accuracy,
-    RotationError,
-    crop_rotation,
-    match_pairs,
-    rotation_error,
-    score,
-)
+from edge_stn.accuracy import Accuracy, RotationError, score_with_pose
 from edge_stn.config import ModelConfig
 from edge_stn.detect.detector import Detector
 from edge_stn.records import Frame
@@ -69,20 +62,18 @@ class Row:
 
 
 def measure(detector: Detector, settings: MotionSettings, scenes: int, seed0: int) -> Row:
-    frames, crop_angles, truth_angles = [], [], []
+    frames = []
     for k in range(scenes):
         gen = MovingDigits(seed=seed0 + k, settings=settings)
         for seg in range(3):
             index = seg * gen.segment_frames + 5
             image, objects = gen.frame_bgr(index)
             (res,) = detector.detect([Frame("env", index, 0.0, image)])
-            dets = [(d.label, [float(v) for v in d.box]) for d in res.detections]
-            truth = [(str(o.label), list(o.box)) for o in objects]
+            dets = [(d.label, [float(v) for v in d.box], d.affine) for d in res.detections]
+            truth = [(str(o.label), list(o.box), o.angle) for o in objects]
             frames.append((dets, truth))
-            for i, j in match_pairs([b for _, b in dets], [b for _, b in truth]):
-                crop_angles.append(crop_rotation(res.detections[i].affine))
-                truth_angles.append(objects[j].angle)
-    return Row("", "", score(frames), rotation_error(crop_angles, truth_angles))
+    acc, rot = score_with_pose(frames)
+    return Row("", "", acc, rot)
 
 
 def _pct(v: float | None) -> str:

@@ -23,6 +23,7 @@ from edge_stn.accuracy import (
     match_pairs,
     rotation_error,
     score,
+    score_with_pose,
 )
 
 pytest.importorskip("onnxruntime")
@@ -60,6 +61,16 @@ def test_unit_rotation_error_removes_the_mean_angle() -> None:
     wrapped = rotation_error([179.0, -179.0], [0.0, 0.0])  # 179 and 181 degrees: 1 apart
     assert wrapped.median == pytest.approx(1.0, abs=1e-6)
     assert match_pairs([[0, 0, 10, 10], [50, 50, 60, 60]], [[51, 50, 61, 60]]) == [(1, 0)]
+    up = [[1, 0, 0], [0, 1, 0]]
+    frames = [
+        ([("3", [0, 0, 10, 10], up), ("7", [50, 50, 60, 60], up)], [("7", [51, 50, 61, 60], 4.0)]),
+        ([("1", [0, 0, 10, 10], up)], [("2", [0, 0, 10, 10], -6.0), ("5", [80, 80, 90, 90], 0.0)]),
+    ]
+    acc, rot = score_with_pose(frames)
+    assert acc == score(
+        [([(lb, b) for lb, b, _ in d], [(lb, b) for lb, b, _ in t]) for d, t in frames]
+    )
+    assert (acc.matched, acc.correct, rot.n) == (2, 1, 2) and rot.median == pytest.approx(5.0)
 
 
 def test_targets_on_default_synth_video_through_a_real_broker(
@@ -91,18 +102,13 @@ def test_targets_on_default_synth_video_through_a_real_broker(
         f"cam{i}": {f["frame_index"]: f["objects"] for f in t["frames"]}
         for i, (_, t) in enumerate(scenes)
     }
-    frames, crop_angles, truth_angles = [], [], []
-    for r in results:
-        objs = truth[r["camera"]][r["frame_index"]]
-        dets = r["detections"]
-        frames.append(
-            ([(d["label"], d["box"]) for d in dets], [(o["label"], o["box"]) for o in objs])
+    acc, rot = score_with_pose(
+        (
+            [(d["label"], d["box"], d["affine"]) for d in r["detections"]],
+            [(o["label"], o["box"], o["angle"]) for o in truth[r["camera"]][r["frame_index"]]],
         )
-        for i, j in match_pairs([d["box"] for d in dets], [o["box"] for o in objs]):
-            crop_angles.append(crop_rotation(dets[i]["affine"]))
-            truth_angles.append(objs[j]["angle"])
-    acc = score(frames)
-    rot = rotation_error(crop_angles, truth_angles)
+        for r in results
+    )
     heights = [o["scale"] * 20 for t in truth.values() for f in t.values() for o in f]
     print(f"\ntargets over {len(results)} frames: {acc.line()}; {rot.line()}")
     print(f"digit heights {min(heights):.0f}-{max(heights):.0f} px")
