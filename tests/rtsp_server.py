@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from mqtt_broker import wait_until
+from mqtt_broker import stop_process, wait_until
 
 from edge_stn.demo import free_port
 
@@ -172,15 +172,7 @@ class RtspServer:
         if self._paused:
             proc.send_signal(signal.SIGCONT)
             self._paused = False
-        if kill:
-            proc.kill()
-        else:
-            proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc, kill=kill)
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): connections stay open, nothing is sent or answered."""
