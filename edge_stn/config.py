@@ -554,6 +554,14 @@ class DetectionConfig(Section):
     max_per_frame: int = Field(
         32, ge=1, le=1024, description="at most this many detections per frame (best first)"
     )
+    prepare_threads: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="threads that find proposals and cut windows when a batch holds frames of "
+        "several cameras (OpenCV releases the GIL, so two overlap); absent: 2 where the machine "
+        "has 2 cores or more, else 1",
+    )
 
 
 class CropConfig(Section):

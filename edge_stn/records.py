@@ -226,6 +226,21 @@ class Detection:
                 f"{'set' if self.crop is not None else 'None'}: a crop is set exactly when 'sent'"
             )
 
+    def with_crop(self, crop: CropRef | None, crop_status: CropStatus) -> Detection:
+        """This detection with its crop's fate set: what the publisher does five times a frame,
+        so only the two new fields are checked (the rest were checked when it was made)."""
+        if crop_status not in CROP_STATUSES:
+            raise ValueError(
+                f"crop_status must be one of {', '.join(CROP_STATUSES)}, got {crop_status!r}"
+            )
+        if (crop is not None) != (crop_status == "sent"):
+            raise ValueError(f"crop_status {crop_status!r}: a crop is set exactly when 'sent'")
+        if crop is not None and not isinstance(crop, CropRef):
+            raise TypeError(f"crop must be a CropRef or None, got {type(crop).__name__}")
+        out = object.__new__(Detection)
+        out.__dict__.update(self.__dict__, crop=crop, crop_status=crop_status)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """The detection as in the result payload (DESIGN §6), JSON-ready."""
         return {

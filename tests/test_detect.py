@@ -38,6 +38,7 @@ from edge_stn.detect import (  # noqa: E402
     nms,
 )
 from edge_stn.detect.crops import quality_steps  # noqa: E402
+from edge_stn.detect.proposals import histogram_median_mad  # noqa: E402
 from edge_stn.errors import DTypeError, ShapeError  # noqa: E402
 from edge_stn.geometry import apply_affine, crop_quad, frame_from_crop  # noqa: E402
 from edge_stn.records import Frame, FrameResult  # noqa: E402
@@ -259,13 +260,18 @@ def test_precision_recall_and_accuracy_against_ground_truth(detector: Detector, 
 def test_batching_across_cameras_equals_one_frame_at_a_time(engine: Engine, shots) -> None:
     frames = [s.frame for s in shots[:6]]
     assert {f.camera_id for f in frames} == {"cam-a", "cam-b"}
-    det = Detector(engine)
+    det = Detector(engine, detection=DetectionConfig(prepare_threads=1))
     together = det.detect(frames)
     assert det.stats.batches == 1 and det.stats.frames == 6
     alone = [Detector(engine).detect([f])[0] for f in frames]
     split = Detector(engine, max_batch=3).detect(frames)
-    for a, b, c in zip(together, alone, split, strict=True):
-        for other in (b, c):
+    # three lanes cut the proposals and windows of the six frames: same results, same order
+    lanes = Detector(engine, detection=DetectionConfig(prepare_threads=3))
+    laned = lanes.detect(frames)
+    assert lanes.prepare_threads == 3 and lanes._helpers is not None
+    lanes.close()
+    for a, b, c, d in zip(together, alone, split, laned, strict=True):
+        for other in (b, c, d):
             assert (a.camera_id, a.frame_index) == (other.camera_id, other.frame_index)
             assert [d.label for d in a.detections] == [d.label for d in other.detections]
             for da, db in zip(a.detections, other.detections, strict=True):
@@ -608,3 +614,17 @@ def test_jpeg_of_a_small_crop_fits_the_default_limit(detector: Detector, shots) 
     enc = encode_jpeg(canonical_crop(s.frame.image, d.affine, 64), 90, max_bytes=65536)
     assert not enc.too_large and enc.quality == 90 and (enc.width, enc.height) == (64, 64)
     assert replace(d, crop_status="shed").crop_status == "shed"
+
+
+def test_histogram_median_and_mad_are_numpys() -> None:
+    # the 'local' threshold's noise estimate from a histogram: exactly np.median's values, for
+    # odd and even counts, narrow and wide ranges, one value and all values
+    rng = np.random.default_rng(11)
+    images = [np.full((3, 5), 7, np.uint8), np.arange(256, dtype=np.uint8).reshape(16, 16)]
+    for _ in range(300):
+        n = int(rng.integers(1, 400))
+        images.append(rng.integers(0, int(rng.integers(1, 257)), n).astype(np.uint8))
+    for img in images:
+        base = float(np.median(img))
+        mad = float(np.median(np.abs(img.astype(np.float32) - base)))
+        assert histogram_median_mad(img) == (base, mad)

@@ -26,9 +26,11 @@ stops the other frames. Torch-free; ONNX Runtime is reached only through the eng
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +113,11 @@ def model_window_spec(engine: Engine) -> WindowSpec:
     return WindowSpec(size=h, context_margin=0.0, min_side=1.0)
 
 
+def default_prepare_threads() -> int:
+    """Two lanes for proposals and windows where there are two cores or more."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
 class Detector:
     """Batched ST-CNN detection over frames of several cameras (see the module docstring).
 
@@ -155,6 +162,9 @@ class Detector:
         self._default_finder = ProposalFinder()
         self.stats = DetectorStats()
         self._stats_lock = threading.Lock()
+        threads = self.detection.prepare_threads
+        self.prepare_threads = threads if threads is not None else default_prepare_threads()
+        self._helpers: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_config(cls, engine: Engine, config: DaemonConfig, **kw: Any) -> Detector:
@@ -295,9 +305,31 @@ class Detector:
 
     # ------------------------------------------------------------ the stage
 
+    def _prepare_all(self, frames: Sequence[Frame]) -> list[FrameWindows]:
+        """Every frame's proposals and windows: frames of several cameras are shared out among
+        ``prepare_threads`` lanes (this thread is one), in order."""
+        lanes = min(self.prepare_threads, len(frames))
+        if lanes < 2:
+            return [self.prepare(f) for f in frames]
+        if self._helpers is None:
+            self._helpers = ThreadPoolExecutor(
+                self.prepare_threads - 1, thread_name_prefix="edge-stn.prepare"
+            )
+        futures: dict[int, Future[FrameWindows]] = {
+            i: self._helpers.submit(self.prepare, f) for i, f in enumerate(frames) if i % lanes != 0
+        }
+        mine = {i: self.prepare(f) for i, f in enumerate(frames) if i % lanes == 0}
+        return [mine[i] if i in mine else futures[i].result() for i in range(len(frames))]
+
+    def close(self) -> None:
+        """Stop the helper threads (a detector replaced by a reload)."""
+        if self._helpers is not None:
+            self._helpers.shutdown(wait=False)
+            self._helpers = None
+
     def detect(self, frames: Sequence[Frame]) -> list[FrameResult]:
         """One :class:`FrameResult` per frame, in the order given, from one batched model call."""
-        per_frame = [self.prepare(f) for f in frames]
+        per_frame = self._prepare_all(frames)
         counts = [fw.images.shape[0] for fw in per_frame]
         total = sum(counts)
         c, s = self.engine.channels, self.spec.size

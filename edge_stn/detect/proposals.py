@@ -132,15 +132,42 @@ EDGE_FRACTION = 0.25
 """'local' threshold: a box's edge is where the ink falls below this fraction of its peak."""
 
 
+def _sorted_value(values: npt.NDArray[np.float64], counts: npt.NDArray[np.int64], k: int) -> float:
+    """The ``k``-th (0-based) element of the sorted multiset in which ``values[i]`` (ascending)
+    occurs ``counts[i]`` times."""
+    return float(values[int(np.searchsorted(np.cumsum(counts), k, side="right"))])
+
+
+def _median_of_counts(values: npt.NDArray[np.float64], counts: npt.NDArray[np.int64]) -> float:
+    """``np.median`` of the multiset ``values`` x ``counts`` (values ascending): the middle
+    element, or the mean of the two middle ones for an even count."""
+    n = int(counts.sum())
+    upper = _sorted_value(values, counts, n // 2)
+    if n % 2:
+        return upper
+    return (_sorted_value(values, counts, n // 2 - 1) + upper) / 2.0
+
+
+def histogram_median_mad(image: GrayImage) -> tuple[float, float]:
+    """``median(image)`` and ``median(|image - median|)`` of a uint8 image, from its histogram:
+    the values ``np.median`` gives, without sorting every pixel (twice) in each frame."""
+    counts = np.bincount(image.ravel(), minlength=256).astype(np.int64)
+    levels = np.arange(256, dtype=np.float64)
+    base = _median_of_counts(levels, counts)
+    deviation = np.abs(levels - base)
+    order = np.argsort(deviation, kind="stable")
+    return base, _median_of_counts(deviation[order], counts[order])
+
+
 def local_background(small: GrayImage, kernel: int, min_contrast: float) -> tuple[GrayImage, float]:
     """The background of a reduced frame (a grey opening with a ``kernel`` square) and the level
     above it at which a pixel counts as ink: ``median(top-hat) + max(min_contrast, 4 sigma)``,
     sigma the robust (MAD) spread of the top-hat, i.e. of the noise where there is no ink."""
     se = cv2.getStructuringElement(cv2.MORPH_RECT, (kernel, kernel))
     background = np.asarray(cv2.morphologyEx(small, cv2.MORPH_OPEN, se), np.uint8)
-    top = cv2.subtract(small, background)
-    base = float(np.median(top))
-    sigma = 1.4826 * float(np.median(np.abs(top.astype(np.float32) - base)))
+    top = np.asarray(cv2.subtract(small, background), np.uint8)
+    base, mad = histogram_median_mad(top)
+    sigma = 1.4826 * mad
     return background, base + max(min_contrast, NOISE_SIGMAS * sigma)
 
 
@@ -159,6 +186,16 @@ def binarization_level(small: GrayImage, threshold: int | str, min_contrast: flo
         return None
     contrast = float(small[above].mean()) - float(small[~above].mean())
     return float(level) if contrast >= min_contrast else None
+
+
+def _reduced_index(start: int, stop: int, factor: float, lo: int, hi: int) -> npt.NDArray[np.intp]:
+    """For full-resolution pixels ``start..stop-1``, the reduced pixel their centre falls in,
+    counted from ``lo`` and kept inside ``[lo, hi)``."""
+    idx = ((np.arange(start, stop) + 0.5) / factor).astype(np.intp)
+    idx -= lo
+    np.maximum(idx, 0, out=idx)
+    np.minimum(idx, hi - lo - 1, out=idx)
+    return idx
 
 
 class ProposalFinder:
@@ -285,38 +322,35 @@ class ProposalFinder:
         # Support: the candidate's reduced mask, dilated by one reduced pixel.
         lx0, ly0 = max(0, x - 1), max(0, y - 1)
         lx1, ly1 = min(sw, x + bw + 1), min(sh, y + bh + 1)
-        support = np.asarray(
-            cv2.dilate((labels[ly0:ly1, lx0:lx1] == k).astype(np.uint8), _DILATE_KERNEL), bool
-        )
-        # The full-resolution pixels those reduced pixels cover.
+        support = cv2.dilate((labels[ly0:ly1, lx0:lx1] == k).view(np.uint8), _DILATE_KERNEL)
+        # The full-resolution pixels those reduced pixels cover, and for each the reduced pixel
+        # it falls in (its centre's).
         X0, Y0 = max(0, math.floor(lx0 * fx)), max(0, math.floor(ly0 * fy))
         X1, Y1 = min(w, math.ceil(lx1 * fx)), min(h, math.ceil(ly1 * fy))
-        ix = np.clip(((np.arange(X0, X1) + 0.5) / fx).astype(np.int64) - lx0, 0, lx1 - lx0 - 1)
-        iy = np.clip(((np.arange(Y0, Y1) + 0.5) / fy).astype(np.int64) - ly0, 0, ly1 - ly0 - 1)
+        ix = _reduced_index(X0, X1, fx, lx0, lx1)
+        iy = _reduced_index(Y0, Y1, fy, ly0, ly1)
+        inside = support.take(iy, axis=0).take(ix, axis=1)  # 0/1 at full resolution
         gray = to_gray(part[Y0:Y1, X0:X1])
         if background is None:
-            above = gray > level
+            signal = gray
+            edge = level
         else:
-            local = background[ly0:ly1, lx0:lx1][np.ix_(iy, ix)].astype(np.float32)
-            rise = cv2.blur(gray, (3, 3)).astype(np.float32) - local
+            local = background[ly0:ly1, lx0:lx1].take(iy, axis=0).take(ix, axis=1)
+            # Saturated at 0: the level is above 0, so a pixel below its background is never
+            # ink, and a peak below 0 never raises the edge above the level.
+            signal = np.asarray(cv2.subtract(cv2.blur(gray, (3, 3)), local), np.uint8)
             # The object's edge where its ink falls to a quarter of its own peak (as the
             # renderer's truth draws it), never below the noise level.
-            inside = support[np.ix_(iy, ix)]
-            peak = float(rise[inside].max()) if inside.any() else 0.0
-            above = rise > max(level, EDGE_FRACTION * peak)
-        ink = above & support[np.ix_(iy, ix)]
-        cols = np.flatnonzero(ink.any(axis=0))
-        rows = np.flatnonzero(ink.any(axis=1))
-        if cols.size == 0:
+            peak = float(cv2.minMaxLoc(cv2.multiply(signal, inside))[1])
+            edge = max(level, EDGE_FRACTION * peak)
+        # uint8 pixels above a fractional edge are those above its floor (OpenCV's threshold).
+        _, above = cv2.threshold(signal, edge, 1, cv2.THRESH_BINARY)
+        cx, cy, cw, ch = cv2.boundingRect(cv2.multiply(above, inside))
+        if cw == 0:
             return (
                 float(math.floor(x * fx)),
                 float(math.floor(y * fy)),
                 float(min(w, math.ceil((x + bw) * fx))),
                 float(min(h, math.ceil((y + bh) * fy))),
             )
-        return (
-            float(X0 + cols[0]),
-            float(Y0 + rows[0]),
-            float(X0 + cols[-1] + 1),
-            float(Y0 + rows[-1] + 1),
-        )
+        return (float(X0 + cx), float(Y0 + cy), float(X0 + cx + cw), float(Y0 + cy + ch))

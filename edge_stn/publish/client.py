@@ -40,6 +40,8 @@ closes the outbox: what was not acknowledged stays there for the next start.
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import socket
 import ssl
@@ -93,6 +95,9 @@ EARLY_ACK_TTL_S = 30.0
 MAINTENANCE_S = 1.0
 """The sender applies the age policy and refreshes the outbox's state this often."""
 SHED_LOG_S = 10.0
+
+STATE_REFRESH_S = 0.25
+"""How often the sender refreshes the outbox state that stats and health read."""
 
 # CONNACK reason codes (paho maps 3.1.1 return codes onto these v5 values) -> what to check.
 _CONNACK_HINTS = {
@@ -254,6 +259,14 @@ def packet_size(topic: str, payload_len: int, props: Properties | None) -> int:
     return 1 + _varint_len(body) + body
 
 
+def _props(packet: int, content_type: str, *, json: bool) -> Properties:
+    props = Properties(packet)
+    if json:
+        props.PayloadFormatIndicator = 1
+    props.ContentType = content_type
+    return props
+
+
 def disable_nagle(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     """Turn Nagle's algorithm off on the broker connection (paho leaves it on): with it, a
     small message sent while an earlier one still awaits the broker's delayed TCP ACK (up to
@@ -291,6 +304,14 @@ class MqttPublisher:
         self.client_id = client_id or mqtt_config.client_id or f"edge-stn-{info.device}"
         self._clock = clock
         self._v5 = mqtt_config.protocol == "v5"
+        json_type = "application/json"
+        self._props_json = _props(PacketTypes.PUBLISH, json_type, json=True) if self._v5 else None
+        self._props_json_will = (
+            _props(PacketTypes.WILLMESSAGE, json_type, json=True) if self._v5 else None
+        )
+        self._props_jpeg = (
+            _props(PacketTypes.PUBLISH, "image/jpeg", json=False) if self._v5 else None
+        )
         self.commit_ms = LatencyWindow()
         """wall time of each commit of new results (fsync included), ms."""
         self.outbox_ms = LatencyWindow()
@@ -324,6 +345,7 @@ class MqttPublisher:
         self._outbox_payload = self.outbox.payload_bytes
         self._outbox_live = self.outbox.live_bytes
         self._outbox_state: OutboxState = self.outbox.state()
+        self._state_due = 0.0  # when the sender refreshes it next (monotonic)
         self._seq: dict[str, int] = self.outbox.next_seq()
         self._counts = {kind: DeliveryCounts() for kind in MESSAGE_KINDS}
         self._connects = 0
@@ -442,18 +464,14 @@ class MqttPublisher:
         client.tls_insecure_set(tls.insecure)
 
     def _json_props(self, *, will: bool = False) -> Properties | None:
-        if not self._v5:
-            return None
-        props = Properties(PacketTypes.WILLMESSAGE if will else PacketTypes.PUBLISH)
-        props.PayloadFormatIndicator = 1
-        props.ContentType = "application/json"
-        return props
+        """The properties of a JSON message: made once (paho's ``Properties()`` costs about
+        40 us, a dozen times a frame otherwise); paho only reads them."""
+        return self._props_json_will if will else self._props_json
 
     def _crop_props(self, user: Sequence[tuple[str, str]]) -> Properties | None:
-        if not self._v5:
+        if self._props_jpeg is None:
             return None
-        props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = "image/jpeg"
+        props = copy.copy(self._props_jpeg)  # the template's tables are shared, read-only
         if user:
             props.UserProperty = list(user)
         return props
@@ -625,13 +643,19 @@ class MqttPublisher:
             self._reserved += 1
         return True
 
-    def _payload_limit(self, topic: str, size: int, props: Properties | None) -> str | None:
-        """Why a message cannot be sent because of its size (None: it can)."""
+    def _payload_limit(
+        self,
+        topic: str,
+        size: int,
+        props: Properties | Callable[[], Properties | None] | None,
+    ) -> str | None:
+        """Why a message cannot be sent because of its size (None: it can). ``props`` may be a
+        function that makes them: they are needed only when the broker limits packets."""
         if size > self.config.max_payload_bytes:
             return f"payload of {size} bytes over mqtt.max_payload_bytes ({self.config.max_payload_bytes})"
         limit = self._broker_max_packet
         if limit is not None:
-            packet = packet_size(topic, size, props)
+            packet = packet_size(topic, size, props() if callable(props) else props)
             if packet > limit:
                 return f"packet of {packet} bytes over the broker's Maximum Packet Size ({limit})"
         return None
@@ -653,14 +677,16 @@ class MqttPublisher:
             if crop is None:
                 continue
             if crop.data is None:
-                dets[n] = replace(dets[n], crop=None, crop_status="policy")
+                dets[n] = dets[n].with_crop(None, "policy")
                 continue
             topic = self.topics.crop(cam, rid, n)
             det = dets[n]
             user = (("result_id", rid), ("label", det.label), ("score", f"{det.score:.4f}"))
-            problem = self._payload_limit(topic, len(crop.data), self._crop_props(user))
+            problem = self._payload_limit(
+                topic, len(crop.data), functools.partial(self._crop_props, user)
+            )
             if problem is not None:
-                dets[n] = replace(det, crop=None, crop_status="policy")
+                dets[n] = det.with_crop(None, "policy")
                 refusals.append(
                     Refusal(
                         "crop",
@@ -677,10 +703,10 @@ class MqttPublisher:
             if planned + len(crop.data) <= room:
                 planned += len(crop.data)
                 ref = CropRef(topic=topic, width=crop.width, height=crop.height)
-                dets[n] = replace(det, crop=ref, crop_status="sent")
+                dets[n] = det.with_crop(ref, "sent")
                 stored.append(NewCrop(topic, crop.data, user if self._v5 else ()))
             else:
-                dets[n] = replace(det, crop=None, crop_status="shed")
+                dets[n] = det.with_crop(None, "shed")
                 shed += 1
         with self._lock:
             seq = self._seq.get(cam, 0)
@@ -884,9 +910,16 @@ class MqttPublisher:
         if report.commit_ms is not None:
             self.commit_ms.add(report.commit_ms)
         last_row = self.outbox.last_row()
-        state = self.outbox.state()
+        # The state (a query and two stat calls) feeds stats and health: refreshed a few times a
+        # second, and at once when the budget or a refusal changed the outbox.
+        now = time.monotonic()
+        state = None
+        if report.dead or any(report.shed.values()) or now >= self._state_due:
+            state = self.outbox.state()
+            self._state_due = now + STATE_REFRESH_S
         with self._wake:
-            self._outbox_state = state
+            if state is not None:
+                self._outbox_state = state
             self._write_error = None
             for w in waiting:
                 self._waiting_bytes -= w.result.size
