@@ -784,6 +784,58 @@ class HealthConfig(Section):
     )
 
 
+CommandName = Literal["reload", "thresholds", "snapshot", "model"]
+COMMAND_NAMES: tuple[CommandName, ...] = ("reload", "thresholds", "snapshot", "model")
+
+
+class CommandsConfig(Section):
+    """Remote commands on ``<prefix>/<device>/cmd/<name>`` (docs/mqtt.md); the broker's ACL is
+    the first gate, these settings the second."""
+
+    enabled: bool = Field(
+        False,
+        description="subscribe to <prefix>/<device>/cmd/+ and carry out the commands in 'allow' "
+        "(read at start: turning it on needs a restart)",
+    )
+    allow: list[CommandName] = Field(
+        default_factory=lambda: list(COMMAND_NAMES),
+        description="the commands carried out: reload, thresholds, snapshot, model; "
+        "others are rejected with a reply",
+    )
+    token: SecretStr | None = Field(
+        None,
+        min_length=16,
+        description="shared secret every command must carry in its 'token' field (write "
+        "${VARIABLE}; at least 16 characters); absent: the broker's ACL is the only gate",
+    )
+    model_dir: ConfigPath | None = Field(
+        None,
+        description="where models sent by the 'model' command are written; default: "
+        "<state dir>/models",
+    )
+    max_model_bytes: Annotated[int, BeforeValidator(_byte_size)] = Field(
+        64 * 1024**2,
+        ge=1024,
+        description="largest model the 'model' command accepts, e.g. '64MiB'",
+    )
+    transfer_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        le=86400,
+        description="a model sent in chunks whose next chunk does not come within this is "
+        "discarded",
+    )
+    fetch_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="a model fetched from a URL must arrive within this",
+    )
+
+    def resolved_model_dir(self) -> Path:
+        return self.model_dir if self.model_dir is not None else default_state_dir() / "models"
+
+
 # ---------------------------------------------------------------- the daemon
 
 
@@ -817,6 +869,10 @@ class DaemonConfig(Section):
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text, or one JSON object per line"
+    )
+    commands: CommandsConfig = Field(
+        default_factory=CommandsConfig,
+        description="remote commands over MQTT: reload, thresholds, snapshot, model (off by default)",
     )
 
     @field_validator("cameras")
