@@ -337,7 +337,11 @@ class CommandHandler:
         level = name if name is not None and ID_PATTERN.fullmatch(name) else None
         req = _Request(level, None, msg.correlation)
         try:
-            req.topic = self._reply_topic(level, msg.response_topic)
+            try:
+                req.topic = self._reply_topic(level, msg.response_topic)
+            except CommandRejected:
+                req.topic = self._reply_topic(level, None)  # the reply says why, there
+                raise
             if name is None:
                 raise CommandRejected(
                     f"not a command topic of this device: expected {self.topics.base}/cmd/<name>"
@@ -393,13 +397,10 @@ class CommandHandler:
         return response
 
     def _authorise(self, name: str, doc: dict[str, Any]) -> None:
+        """The token first: whoever lacks it learns nothing about what is allowed here."""
         cfg = self.target.config.commands
         if not cfg.enabled:
             raise CommandRejected("commands are disabled here (commands.enabled)")
-        if name not in COMMAND_NAMES:
-            raise CommandRejected(f"unknown command {name!r}: one of {', '.join(COMMAND_NAMES)}")
-        if name not in cfg.allow:
-            raise CommandRejected(f"command {name!r} is not allowed here (commands.allow)")
         if cfg.token is not None:
             given = doc.get("token")
             expected = cfg.token.get_secret_value().encode("utf-8")
@@ -407,6 +408,10 @@ class CommandHandler:
                 given.encode("utf-8", "surrogatepass"), expected
             ):
                 raise CommandRejected("unauthorised: missing or wrong token")
+        if name not in COMMAND_NAMES:
+            raise CommandRejected(f"unknown command {name!r}: one of {', '.join(COMMAND_NAMES)}")
+        if name not in cfg.allow:
+            raise CommandRejected(f"command {name!r} is not allowed here (commands.allow)")
 
     # ------------------------------------------------------------ dispatch
 
