@@ -1133,6 +1133,19 @@ def check_config(cfg: DaemonConfig) -> list[str]:
         out.append("mqtt.password: sent in clear text: configure mqtt.tls")
     if mq.tls is None and mq.port == 8883:
         out.append("mqtt.port: 8883 is the MQTT-over-TLS port but mqtt.tls is not set")
+    cmds = cfg.commands
+    if cmds.enabled and cmds.token is None:
+        out.append(
+            "commands.token: not set: whoever may write <prefix>/<device>/cmd/# on the broker "
+            "can command this gateway (the broker's ACL is the only gate)"
+        )
+    if cmds.enabled and cmds.token is not None and mq.tls is None:
+        out.append("commands.token: sent in clear text by operators: configure mqtt.tls")
+    if cmds.enabled and "model" in cmds.allow and cfg.model.trust.require == "none":
+        out.append(
+            "commands.allow: 'model' is refused while model.trust.require is 'none' (a model "
+            "is replaced remotely only when it must be signed or allow-listed)"
+        )
     if mq.tls is not None and mq.port == 1883:
         out.append("mqtt.port: 1883 is the plain MQTT port but mqtt.tls is set")
     if mq.tls is not None:

@@ -43,7 +43,10 @@ def daemon_config(**commands: Any) -> DaemonConfig:
     return DaemonConfig.model_validate(
         {
             "device_id": "gw1",
-            "cameras": [{"id": "cam0", "source": "synthetic"}, {"id": "cam1", "source": "synthetic"}],
+            "cameras": [
+                {"id": "cam0", "source": "synthetic"},
+                {"id": "cam1", "source": "synthetic"},
+            ],
             "commands": {"enabled": True, **commands},
         }
     )
@@ -107,7 +110,9 @@ def handler(target: FakeDaemon) -> CommandHandler:
     topic=st.one_of(
         st.text(max_size=80),
         st.builds(lambda n: f"edge-stn/gw1/cmd/{n}", st.text(max_size=20)),
-        st.sampled_from([f"edge-stn/gw1/cmd/{n}" for n in ("reload", "thresholds", "snapshot", "model")]),
+        st.sampled_from(
+            [f"edge-stn/gw1/cmd/{n}" for n in ("reload", "thresholds", "snapshot", "model")]
+        ),
     ),
     payload=st.binary(max_size=300),
     response=st.one_of(st.none(), st.text(max_size=40)),
@@ -131,13 +136,35 @@ def test_garbage_bytes_and_topics_always_get_a_valid_reply(
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=12,
 )
 fields = st.sampled_from(
-    ["detection", "proposals", "cameras", "camera", "quality", "max_width", "sha256", "url",
-     "transfer", "index", "count", "data", "signature", "name", "request_id", "score_threshold"]
+    [
+        "detection",
+        "proposals",
+        "cameras",
+        "camera",
+        "quality",
+        "max_width",
+        "sha256",
+        "url",
+        "transfer",
+        "index",
+        "count",
+        "data",
+        "signature",
+        "name",
+        "request_id",
+        "score_threshold",
+    ]
 )
 
 
@@ -190,7 +217,13 @@ def test_unknown_fields_bad_token_and_disabled_commands_are_rejected(
     assert target.reloads == 0
     assert handler.counters.rejected == 7
     # every rejection has its log line; the token never appears in the log
-    assert sum("command" in rec.getMessage() and "rejected" in rec.getMessage() for rec in caplog.records) == 7
+    assert (
+        sum(
+            "command" in rec.getMessage() and "rejected" in rec.getMessage()
+            for rec in caplog.records
+        )
+        == 7
+    )
     assert TOKEN not in caplog.text
     # allowed, then not allowed, then disabled
     r = handled(handler, message("reload", {"token": TOKEN, "request_id": "r-1"}))
@@ -221,7 +254,9 @@ def test_reply_topics_response_topic_and_correlation(handler: CommandHandler) ->
     assert r.status == "rejected" and r.topic is None
 
 
-def test_a_failed_reload_keeps_the_running_config(target: FakeDaemon, handler: CommandHandler) -> None:
+def test_a_failed_reload_keeps_the_running_config(
+    target: FakeDaemon, handler: CommandHandler
+) -> None:
     target.reload_error = "config not reloaded, the running one is kept: cameras: at least one"
     before = target.config
     r = handled(handler, message("reload", {"token": TOKEN}))
@@ -346,12 +381,12 @@ def test_inbox_refuses_a_wrong_sha256_too_large_and_stale_transfers(tmp_path: Pa
     parts = chunks(data, 2)
     wrong = "0" * 64
     inbox.add_chunk("a", 0, 2, parts[0], wrong, name="m.onnx", signature=None)
-    with pytest.raises(TransferError, match="larger than commands.max_model_bytes"):
+    with pytest.raises(TransferError, match=r"larger than commands\.max_model_bytes"):
         inbox.add_chunk("a", 1, 2, parts[1], wrong, name="m.onnx", signature=None)
     assert not list((tmp_path / "incoming").iterdir())
     inbox.max_bytes = 10 << 20
     inbox.add_chunk("b", 0, 2, parts[0], wrong, name="m.onnx", signature=None)
-    with pytest.raises(TransferError, match="sha256 .* announced 000000000000"):
+    with pytest.raises(TransferError, match=r"sha256 .* announced 000000000000"):
         inbox.add_chunk("b", 1, 2, parts[1], wrong, name="m.onnx", signature=None)
     assert not list((tmp_path / "incoming").iterdir()) and not (tmp_path / wrong).exists()
     inbox.add_chunk("c", 0, 2, parts[0], wrong, name="m.onnx", signature=None)
@@ -410,7 +445,7 @@ def test_inbox_fetches_a_url_with_a_size_cap(tmp_path: Path, http_folder: tuple[
     with pytest.raises(TransferError, match="HTTP 404"):
         inbox.fetch(f"{base}/none.onnx", sha, name="m.onnx", signature=None, timeout_s=10)
     small = ModelInbox(tmp_path / "small", max_bytes=1024, timeout_s=60)
-    with pytest.raises(TransferError, match="over commands.max_model_bytes"):
+    with pytest.raises(TransferError, match=r"over commands\.max_model_bytes"):
         small.fetch(f"{base}/m.onnx", sha, name="m.onnx", signature=None, timeout_s=10)
     with pytest.raises(TransferError, match="only http"):
         inbox.fetch("file:///etc/passwd", sha, name="m.onnx", signature=None, timeout_s=10)
@@ -435,3 +470,205 @@ def test_model_command_needs_model_trust(target: FakeDaemon, handler: CommandHan
     )
     assert r.status == "rejected" and "model.trust" in r.document["error"]
     assert not target.swaps
+
+
+# ---------------------------------------------------------------- a real daemon, a real broker
+
+
+def test_remote_commands_on_a_running_daemon(
+    mosquitto: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """thresholds visible in results, snapshot, reload (bad file: kept; good file: thresholds
+    back), a wrong token, garbage, a mis-signed model refused, a signed model sent in chunks
+    swapped in with no camera stopped and no seq gap."""
+    pytest.importorskip("onnxruntime")
+    import paho.mqtt.client as mqtt
+    from mqtt_broker import Subscriber, wait_until
+    from paho.mqtt.enums import CallbackAPIVersion
+    from test_model_trust import new_key, sign
+
+    from edge_stn.cli import main
+    from edge_stn.config import load_config
+    from edge_stn.daemon import Daemon
+    from edge_stn.remote import CommandClient, CommandOptions
+    from edge_stn.runtime.metadata import file_sha256
+
+    models = tmp_path / "models"
+    models.mkdir()
+    first = models / DEMO.name
+    shutil.copy(DEMO, first)
+    shutil.copy(DEMO.with_suffix(".json"), models / "demo-stcnn.json")
+    second = tmp_path / "send" / "rts-stcnn.onnx"
+    second.parent.mkdir()
+    shutil.copy(ASSETS / "rts-stcnn.onnx", second)
+    key, public = new_key(tmp_path, "release", capsys)
+    sign(first, key, capsys)
+    monkeypatch.setenv("CMD_TOKEN", TOKEN)
+    doc = {
+        "device_id": "gw1",
+        "model": {
+            "path": str(first),
+            "providers": ["cpu"],
+            "trust": {"require": "signature", "public_keys": [public]},
+        },
+        "cameras": [
+            {
+                "id": "cam0",
+                "source": "synthetic",
+                "fps": 8,
+                "synthetic": {"width": 320, "height": 240, "objects": 3, "seed": 3},
+            }
+        ],
+        "mqtt": {"host": "127.0.0.1", "port": mosquitto.port},
+        "stats_interval_s": 1,
+        "commands": {"enabled": True, "token": "${CMD_TOKEN}", "model_dir": str(tmp_path / "recv")},
+    }
+    cfg_path = tmp_path / "gw1.yaml"
+    cfg_path.write_text(json.dumps(doc))
+    caplog.set_level(logging.INFO, logger="edge_stn")
+    sub = Subscriber(mosquitto, ["edge-stn/gw1/#"])
+    daemon = Daemon(load_config(cfg_path), config_path=cfg_path)
+    runner = threading.Thread(target=daemon.run, kwargs={"install_signals": False})
+    runner.start()
+    opts = CommandOptions(device="gw1", host="127.0.0.1", port=mosquitto.port, token=TOKEN)
+
+    def results() -> list[dict[str, Any]]:
+        return [json.loads(m.payload) for m in sub.on(lambda m: m.topic.endswith("/result"))]
+
+    def online_shas() -> list[str]:
+        docs = [json.loads(m.payload) for m in sub.on(lambda m: m.topic.endswith("/status"))]
+        return [d["model"]["sha256"] for d in docs if d["state"] == "online"]
+
+    try:
+        assert wait_until(lambda: len(results()) >= 5, 30), "the daemon publishes"
+        assert any(len(r["detections"]) > 1 for r in results()) or wait_until(
+            lambda: any(len(r["detections"]) > 1 for r in results()), 20
+        ), "frames with several detections before the change"
+        with CommandClient(opts) as client:
+            # 1. thresholds, visible in the results of frames captured after the reply
+            reply = client.request(
+                "thresholds", {"detection": {"score_threshold": 0.97, "max_per_frame": 1}}
+            )
+            assert reply["status"] == "done", reply
+            VALIDATOR.validate(reply)
+            assert reply["result"]["old"]["detection"] == {
+                "score_threshold": 0.5,
+                "max_per_frame": 32,
+            }
+            after = lambda: [r for r in results() if r["capture_ts"] > reply["ts"]]  # noqa: E731
+            assert wait_until(lambda: len(after()) >= 8, 30)
+            dets = [d for r in after() for d in r["detections"]]
+            assert all(len(r["detections"]) <= 1 for r in after())
+            assert all(d["score"] >= 0.97 for d in dets)
+            # 2. snapshot: a JPEG of the camera's frame, by `edge-stn command`
+            shot = tmp_path / "shot.jpg"
+            monkeypatch.setenv("EDGE_STN_COMMAND_TOKEN", TOKEN)
+            capsys.readouterr()
+            argv = ["command", "--device", "gw1", "--host", "127.0.0.1", "--port"]
+            argv += [str(mosquitto.port), "snapshot", '{"camera": "cam0"}', "--out", str(shot)]
+            assert main(argv) == 0
+            printed = json.loads(capsys.readouterr().out)
+            assert printed["status"] == "done" and printed["result"]["written"] == str(shot)
+            image = cv2.imread(str(shot), cv2.IMREAD_COLOR)
+            assert image is not None and image.shape == (240, 320, 3)
+            # 3. reload: a broken file is refused and the running config kept ...
+            cfg_path.write_text(json.dumps({**doc, "cameras": []}))
+            reply = client.request("reload")
+            VALIDATOR.validate(reply)
+            assert reply["status"] == "failed" and "cameras" in reply["error"]
+            assert daemon.config.detection.score_threshold == 0.97
+            # ... a good one is applied: the thresholds go back to the file's
+            cfg_path.write_text(json.dumps(doc))
+            reply = client.request("reload")
+            assert reply["status"] == "done" and reply["result"]["changed"] == ["detection"]
+            assert daemon.config.detection.score_threshold == 0.5
+            # 4. a mis-signed model (another key) is refused, the running model kept
+            other_key, _ = new_key(tmp_path, "other", capsys)
+            sign(second, other_key, capsys)
+            reply = client.send_model(second, chunk_bytes=64_000)
+            VALIDATOR.validate(reply)
+            assert reply["status"] == "rejected" and "mis-signed" in reply["error"], reply
+            assert daemon.engine.sha256 == file_sha256(first)
+            assert not any((tmp_path / "recv").glob("*/rts-stcnn.onnx")), "nothing kept"
+        # 5. a wrong token
+        with CommandClient(
+            CommandOptions(**{**opts.__dict__, "token": "not-the-token-at-all"})
+        ) as bad:
+            reply = bad.request("snapshot")
+            assert reply["status"] == "rejected" and "unauthorised" in reply["error"]
+        # 6. garbage, fast: every message answered or counted, the daemon goes on
+        raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="garbage")
+        raw.connect("127.0.0.1", mosquitto.port)
+        raw.loop_start()
+        rng = np.random.default_rng(1)
+        for i in range(200):
+            name = ["reload", "model", "thresholds", "x y", "snapshot"][i % 5]
+            raw.publish(f"edge-stn/gw1/cmd/{name}", rng.bytes(int(rng.integers(0, 200))), qos=1)
+        raw.publish("edge-stn/gw1/cmd/model", b'{"sha256": 5, "data": []}', qos=1).wait_for_publish(
+            10
+        )
+        raw.disconnect()
+        raw.loop_stop()
+        counters = daemon.commands.counters if daemon.commands is not None else None
+        assert counters is not None
+        assert wait_until(lambda: counters.rejected + counters.busy >= 201, 20), counters
+        n = len(results())
+        assert wait_until(lambda: len(results()) >= n + 5, 20), "still publishing after garbage"
+        # 7. the signed model, in chunks: swapped in without stopping the camera
+        sign(second, key, capsys)
+        with CommandClient(opts) as client:
+            reply = client.send_model(second, chunk_bytes=48_000)
+        VALIDATOR.validate(reply)
+        second_sha = file_sha256(second)
+        assert reply["status"] == "done" and reply["result"]["swapped"], reply
+        assert reply["result"]["sha256"] == second_sha
+        assert daemon.engine.sha256 == second_sha
+        assert wait_until(lambda: second_sha in online_shas(), 10)
+        n = len(results())
+        assert wait_until(lambda: len(results()) >= n + 5, 20)
+    finally:
+        daemon.request_stop()
+        runner.join(15)
+        sub.close()
+    docs = sorted(results(), key=lambda r: r["seq"])
+    assert [r["seq"] for r in docs] == list(range(len(docs))), "no gap across commands and swap"
+    shas = [r["model"]["sha256"] for r in docs]
+    assert shas[-1] == second_sha and shas[0] == file_sha256(first)
+    interim = [
+        json.loads(m.payload) for m in sub.on(lambda m: m.topic == "edge-stn/gw1/cmd/model/reply")
+    ]
+    assert any(r["status"] == "receiving" for r in interim) and any(
+        r["status"] == "loading" for r in interim
+    )
+    for r in interim:
+        VALIDATOR.validate(r)
+    assert TOKEN not in caplog.text
+
+
+def test_command_cli_bad_input_and_no_gateway(
+    mosquitto: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_stn.cli import main
+
+    base = ["command", "--device", "gw1", "--host", "127.0.0.1", "--port", str(mosquitto.port)]
+    assert main([*base, "thresholds", "{not json"]) == 2
+    assert "not JSON" in capsys.readouterr().err
+    assert main([*base, "reload", "--model-file", "m.onnx"]) == 2
+    assert "--model-file goes with the model command" in capsys.readouterr().err
+    # nobody listens: no reply, one line, exit 1
+    assert main([*base, "--timeout", "1", "reload"]) == 1
+    err = capsys.readouterr().err
+    assert "no reply from gw1 to reload within 1 s" in err and "Traceback" not in err
+
+
+def test_config_check_warns_about_commands() -> None:
+    from edge_stn.config import check_config
+
+    warnings = check_config(daemon_config())
+    assert any(w.startswith("commands.token: not set") for w in warnings)
+    assert any(w.startswith("commands.allow: 'model' is refused") for w in warnings)
+    assert not any(w.startswith("commands.") for w in check_config(daemon_config(enabled=False)))
