@@ -804,9 +804,9 @@ class CommandsConfig(Section):
     )
     token: SecretStr | None = Field(
         None,
-        min_length=16,
         description="shared secret every command must carry in its 'token' field (write "
-        "${VARIABLE}; at least 16 characters); absent: the broker's ACL is the only gate",
+        "${VARIABLE}; at least 16 characters); absent or empty: the broker's ACL is the only "
+        "gate",
     )
     model_dir: ConfigPath | None = Field(
         None,
@@ -831,6 +831,18 @@ class CommandsConfig(Section):
         le=3600,
         description="a model fetched from a URL must arrive within this",
     )
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_token(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("a token needs at least 16 characters")
+        return value
 
     def resolved_model_dir(self) -> Path:
         return self.model_dir if self.model_dir is not None else default_state_dir() / "models"
