@@ -672,3 +672,59 @@ def test_config_check_warns_about_commands() -> None:
     assert any(w.startswith("commands.token: not set") for w in warnings)
     assert any(w.startswith("commands.allow: 'model' is refused") for w in warnings)
     assert not any(w.startswith("commands.") for w in check_config(daemon_config(enabled=False)))
+
+
+def test_the_token_is_masked_like_the_mqtt_password() -> None:
+    from edge_stn.ops.logs import config_secrets
+
+    assert TOKEN in config_secrets(daemon_config(token=TOKEN))
+    assert daemon_config(token="   ").commands.token is None, "empty: no token"
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        daemon_config(token="short")
+    assert TOKEN not in repr(daemon_config(token=TOKEN))
+
+
+def test_model_from_a_url_allow_listed_swap_reported_when_done(
+    tmp_path: Path, http_folder: tuple[str, Path]
+) -> None:
+    base, www = http_folder
+    shutil.copy(DEMO, www / "next.onnx")
+    sha = hashlib.sha256(DEMO.read_bytes()).hexdigest()
+    cfg = DaemonConfig.model_validate(
+        {
+            "device_id": "gw1",
+            "cameras": [{"id": "cam0", "source": "synthetic"}],
+            "model": {"trust": {"require": "allowlist", "allowed_sha256": [sha]}},
+            "commands": {"enabled": True, "model_dir": str(tmp_path / "recv")},
+        }
+    )
+    target = FakeDaemon(cfg)
+    sent: list[Reply] = []
+    handler = CommandHandler(target, TOPICS, send=sent.append)
+    r = handled(
+        handler, message("model", {"url": f"{base}/next.onnx", "sha256": sha, "name": "next.onnx"})
+    )
+    assert r.status == "loading" and r.ok and r.document["result"]["trust"] == "allow-listed"
+    ((model, on_done),) = target.swaps
+    assert model.path == tmp_path / "recv" / sha / "next.onnx" and model.sha256 == sha
+    assert not sent, "the final reply waits for the swap"
+    on_done("warm-up failed: boom")
+    assert sent[-1].status == "failed" and "warm-up failed: boom" in sent[-1].document["error"]
+    assert not (tmp_path / "recv" / sha).exists(), "a model that did not load is not kept"
+    # a file whose sha256 is not allow-listed is refused before any load
+    other = www / "other.onnx"
+    other.write_bytes(DEMO.read_bytes() + b"\0")
+    other_sha = hashlib.sha256(other.read_bytes()).hexdigest()
+    r = handled(handler, message("model", {"url": f"{base}/other.onnx", "sha256": other_sha}))
+    assert r.status == "rejected" and "not in model.trust.allowed_sha256" in r.document["error"]
+    assert len(target.swaps) == 1 and not (tmp_path / "recv" / other_sha).exists()
+    # the allow-listed one again, and this time it loads
+    r = handled(
+        handler, message("model", {"url": f"{base}/next.onnx", "sha256": sha, "name": "next.onnx"})
+    )
+    assert r.status == "loading"
+    target.swaps[-1][1](None)
+    assert sent[-1].status == "done" and sent[-1].document["result"]["swapped"] is True
+    for reply in sent:
+        VALIDATOR.validate(reply.document)
+    assert (tmp_path / "recv" / sha / "next.onnx").is_file()

@@ -391,7 +391,7 @@ class CommandHandler:
         elif response.startswith(self.topics.base + "/"):
             parsed = parse_topic(self.topics.prefix, response)
             if parsed is None or parsed.kind != "reply":
-                problem = "is one of this device's data topics (status, results, ...)"
+                problem = "is in this device's subtree but not a .../cmd/<name>/reply topic"
         if problem is not None:
             raise CommandRejected(f"the response topic {problem}")
         return response
@@ -769,15 +769,26 @@ class CommandRunner:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
+    def _run_tasks(self) -> None:
+        while True:
             try:
-                while True:
-                    self._tasks.get_nowait()()
+                task = self._tasks.get_nowait()
             except queue.Empty:
-                pass
+                return
+            try:
+                task()
             except Exception:
                 logger.exception("commands: a deferred task failed")
+
+    def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._run_tasks()  # the last replies (a model load ended by the stop)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self._run_tasks()
             try:
                 msg = self._queue.get(timeout=0.2)
             except queue.Empty:
