@@ -728,3 +728,57 @@ def test_model_from_a_url_allow_listed_swap_reported_when_done(
     for reply in sent:
         VALIDATOR.validate(reply.document)
     assert (tmp_path / "recv" / sha / "next.onnx").is_file()
+
+
+def test_the_shipped_acl_lets_operators_command_and_nobody_else(
+    mosquitto_factory: Any, tmp_path: Path
+) -> None:
+    """The broker's ACL is the first gate: with deploy/mosquitto/acl a consumer's command never
+    reaches the gateway; an operator's does."""
+    pytest.importorskip("onnxruntime")
+    from mqtt_broker import wait_until
+
+    from edge_stn.daemon import Daemon
+    from edge_stn.remote import CommandClient, CommandError, CommandOptions
+
+    acl = (Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "acl").read_text()
+    users = {"gw1": "gw1-password", "operator": "op-password", "consumer": "co-password"}
+    broker = mosquitto_factory(users=users, acl=acl).start()
+    cfg = DaemonConfig.model_validate(
+        {
+            "device_id": "gw1",
+            "model": {"providers": ["cpu"]},
+            "cameras": [{"id": "cam0", "source": "synthetic", "fps": 5}],
+            "mqtt": {
+                "host": broker.host,
+                "port": broker.port,
+                "username": "gw1",
+                "password": "gw1-password",
+            },
+            "commands": {"enabled": True, "allow": ["snapshot"]},
+        }
+    )
+    daemon = Daemon(cfg)
+    runner = threading.Thread(target=daemon.run, kwargs={"install_signals": False})
+    runner.start()
+    base = {"device": "gw1", "host": broker.host, "port": broker.port, "timeout_s": 10.0}
+    try:
+        assert daemon.commands is not None
+        assert wait_until(lambda: daemon.latest_frame("cam0") is not None, 30)
+        with CommandClient(
+            CommandOptions(**base, username="operator", password="op-password")
+        ) as op:
+            reply = op.request("snapshot")
+            assert reply["status"] == "done", reply
+            reply = op.request("reload")
+            assert reply["status"] == "rejected" and "commands.allow" in reply["error"]
+        received = daemon.commands.counters.received
+        consumer = CommandOptions(
+            **{**base, "timeout_s": 2.0}, username="consumer", password="co-password"
+        )
+        with CommandClient(consumer) as co, pytest.raises(CommandError, match="no reply"):
+            co.request("snapshot")
+        assert daemon.commands.counters.received == received, "refused by the broker"
+    finally:
+        daemon.request_stop()
+        runner.join(15)
