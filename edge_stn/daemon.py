@@ -17,6 +17,8 @@ Threads, named so a stack dump tells who is who:
 * ``edge-stn.model-loader``: builds an :class:`~edge_stn.runtime.engine.Engine` (trust check,
   ONNX Runtime session and warm-up) at start-up and after a reload that changes the model, so
   signals are handled meanwhile (a TensorRT engine build takes minutes).
+* ``edge-stn.commands`` (with ``commands.enabled``): remote commands
+  (:mod:`edge_stn.ops.commands`); what they change runs on the caller's thread, as a reload.
 * the caller's thread (:meth:`Daemon.run`): the readers' stall watchdog and the operations
   supervisor (:mod:`edge_stn.ops.supervisor`: stage heartbeats, systemd notify and watchdog,
   health, metrics) once a second, the ``stats`` message every ``stats_interval_s``, signals,
