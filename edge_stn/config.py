@@ -811,7 +811,7 @@ class CommandsConfig(Section):
     model_dir: ConfigPath | None = Field(
         None,
         description="where models sent by the 'model' command are written; default: "
-        "<state dir>/models",
+        "<state dir>/received-models (not model.fallback_dir: old models here are removed)",
     )
     max_model_bytes: Annotated[int, BeforeValidator(_byte_size)] = Field(
         64 * 1024**2,
@@ -845,7 +845,7 @@ class CommandsConfig(Section):
         return value
 
     def resolved_model_dir(self) -> Path:
-        return self.model_dir if self.model_dir is not None else default_state_dir() / "models"
+        return self.model_dir if self.model_dir is not None else default_state_dir() / "received-models"
 
 
 # ---------------------------------------------------------------- the daemon
@@ -886,6 +886,16 @@ class DaemonConfig(Section):
         default_factory=CommandsConfig,
         description="remote commands over MQTT: reload, thresholds, snapshot, model (off by default)",
     )
+
+    @model_validator(mode="after")
+    def _own_model_dir(self) -> DaemonConfig:
+        fallback = self.model.fallback_dir
+        if fallback is not None and self.commands.resolved_model_dir() == fallback:
+            raise ValueError(
+                "commands.model_dir is model.fallback_dir: give the models the 'model' command "
+                "receives a folder of their own (it removes the older ones)"
+            )
+        return self
 
     @field_validator("cameras")
     @classmethod

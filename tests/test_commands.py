@@ -782,3 +782,14 @@ def test_the_shipped_acl_lets_operators_command_and_nobody_else(
     finally:
         daemon.request_stop()
         runner.join(15)
+
+
+def test_received_models_never_share_the_fallback_folder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"commands\.model_dir is model\.fallback_dir"):
+        DaemonConfig.model_validate(
+            {
+                "cameras": [{}],
+                "model": {"fallback_dir": str(tmp_path / "m")},
+                "commands": {"model_dir": str(tmp_path / "m")},
+            }
+        )
