@@ -845,7 +845,11 @@ class CommandsConfig(Section):
         return value
 
     def resolved_model_dir(self) -> Path:
-        return self.model_dir if self.model_dir is not None else default_state_dir() / "received-models"
+        return (
+            self.model_dir
+            if self.model_dir is not None
+            else default_state_dir() / "received-models"
+        )
 
 
 # ---------------------------------------------------------------- the daemon
