@@ -264,6 +264,12 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return run_subscribe(opts)
 
 
+def cmd_command(args: argparse.Namespace) -> int:
+    from edge_stn.remote import run_command_cli
+
+    return run_command_cli(args)
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -476,6 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--count", type=_positive_int, help="stop after this many unique results")
     s.add_argument("--seconds", type=_positive_float, help="stop after this many seconds")
     s.set_defaults(func=cmd_subscribe)
+
+    cm = sub.add_parser(
+        "command",
+        help="send a remote command to a gateway (reload, thresholds, snapshot, model) and "
+        "print its reply",
+    )
+    from edge_stn.remote import add_command_arguments
+
+    add_command_arguments(cm)
+    cm.set_defaults(func=cmd_command)
 
     bn = sub.add_parser(
         "bench",

@@ -792,6 +792,74 @@ class HealthConfig(Section):
     )
 
 
+CommandName = Literal["reload", "thresholds", "snapshot", "model"]
+COMMAND_NAMES: tuple[CommandName, ...] = ("reload", "thresholds", "snapshot", "model")
+
+
+class CommandsConfig(Section):
+    """Remote commands on ``<prefix>/<device>/cmd/<name>`` (docs/mqtt.md); the broker's ACL is
+    the first gate, these settings the second."""
+
+    enabled: bool = Field(
+        False,
+        description="subscribe to <prefix>/<device>/cmd/+ and carry out the commands in 'allow' "
+        "(read at start: turning it on needs a restart)",
+    )
+    allow: list[CommandName] = Field(
+        default_factory=lambda: list(COMMAND_NAMES),
+        description="the commands carried out: reload, thresholds, snapshot, model; "
+        "others are rejected with a reply",
+    )
+    token: SecretStr | None = Field(
+        None,
+        description="shared secret every command must carry in its 'token' field (write "
+        "${VARIABLE}; at least 16 characters); absent or empty: the broker's ACL is the only "
+        "gate",
+    )
+    model_dir: ConfigPath | None = Field(
+        None,
+        description="where models sent by the 'model' command are written; default: "
+        "<state dir>/received-models (not model.fallback_dir: old models here are removed)",
+    )
+    max_model_bytes: Annotated[int, BeforeValidator(_byte_size)] = Field(
+        64 * 1024**2,
+        ge=1024,
+        description="largest model the 'model' command accepts, e.g. '64MiB'",
+    )
+    transfer_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        le=86400,
+        description="a model sent in chunks whose next chunk does not come within this is "
+        "discarded",
+    )
+    fetch_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="a model fetched from a URL must arrive within this",
+    )
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_token(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("a token needs at least 16 characters")
+        return value
+
+    def resolved_model_dir(self) -> Path:
+        return (
+            self.model_dir
+            if self.model_dir is not None
+            else default_state_dir() / "received-models"
+        )
+
+
 # ---------------------------------------------------------------- the daemon
 
 
@@ -826,6 +894,20 @@ class DaemonConfig(Section):
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text, or one JSON object per line"
     )
+    commands: CommandsConfig = Field(
+        default_factory=CommandsConfig,
+        description="remote commands over MQTT: reload, thresholds, snapshot, model (off by default)",
+    )
+
+    @model_validator(mode="after")
+    def _own_model_dir(self) -> DaemonConfig:
+        fallback = self.model.fallback_dir
+        if fallback is not None and self.commands.resolved_model_dir() == fallback:
+            raise ValueError(
+                "commands.model_dir is model.fallback_dir: give the models the 'model' command "
+                "receives a folder of their own (it removes the older ones)"
+            )
+        return self
 
     @field_validator("cameras")
     @classmethod
@@ -1085,6 +1167,19 @@ def check_config(cfg: DaemonConfig) -> list[str]:
         out.append("mqtt.password: sent in clear text: configure mqtt.tls")
     if mq.tls is None and mq.port == 8883:
         out.append("mqtt.port: 8883 is the MQTT-over-TLS port but mqtt.tls is not set")
+    cmds = cfg.commands
+    if cmds.enabled and cmds.token is None:
+        out.append(
+            "commands.token: not set: whoever may write <prefix>/<device>/cmd/# on the broker "
+            "can command this gateway (the broker's ACL is the only gate)"
+        )
+    if cmds.enabled and cmds.token is not None and mq.tls is None:
+        out.append("commands.token: sent in clear text by operators: configure mqtt.tls")
+    if cmds.enabled and "model" in cmds.allow and cfg.model.trust.require == "none":
+        out.append(
+            "commands.allow: 'model' is refused while model.trust.require is 'none' (a model "
+            "is replaced remotely only when it must be signed or allow-listed)"
+        )
     if mq.tls is not None and mq.port == 1883:
         out.append("mqtt.port: 1883 is the plain MQTT port but mqtt.tls is set")
     if mq.tls is not None:

@@ -17,6 +17,8 @@ Threads, named so a stack dump tells who is who:
 * ``edge-stn.model-loader``: builds an :class:`~edge_stn.runtime.engine.Engine` (trust check,
   ONNX Runtime session and warm-up) at start-up and after a reload that changes the model, so
   signals are handled meanwhile (a TensorRT engine build takes minutes).
+* ``edge-stn.commands`` (with ``commands.enabled``): remote commands
+  (:mod:`edge_stn.ops.commands`); what they change runs on the caller's thread, as a reload.
 * the caller's thread (:meth:`Daemon.run`): the readers' stall watchdog and the operations
   supervisor (:mod:`edge_stn.ops.supervisor`: stage heartbeats, systemd notify and watchdog,
   health, metrics) once a second, the ``stats`` message every ``stats_interval_s``, signals,
@@ -66,6 +68,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -83,6 +87,7 @@ from edge_stn.config import (
 from edge_stn.detect.crops import LazyCrop
 from edge_stn.detect.detector import Detector
 from edge_stn.errors import EdgeStnError, SourceError
+from edge_stn.ops.commands import MAIN_THREAD_TIMEOUT_S, CommandFailed, CommandRunner
 from edge_stn.ops.health import Heartbeats
 from edge_stn.ops.logs import config_secrets, configure_logging
 from edge_stn.ops.sdnotify import Notifier
@@ -90,6 +95,7 @@ from edge_stn.ops.supervisor import Supervisor
 from edge_stn.publish.client import MqttPublisher, PublishedResult, PublisherLimits
 from edge_stn.publish.payloads import ModelInfo, stats_document
 from edge_stn.publish.stats import LatencyWindow, ProcessMeter
+from edge_stn.publish.topics import subscription
 from edge_stn.records import Frame, FrameResult
 from edge_stn.runtime.engine import Engine, verify_model_file
 from edge_stn.runtime.fallback import FallbackStore, open_engine
@@ -131,6 +137,9 @@ class ModelLoad:
         self._done = threading.Event()
         self._engine: Engine | None = None
         self._error: BaseException | None = None
+        self.listeners: list[Callable[[str | None], None]] = []
+        """told how the swap ended, on the daemon's main thread: None (swapped in) or why not
+        (a remote ``model`` command waits so)"""
         self._thread = threading.Thread(target=self._load, name=LOADER_THREAD, daemon=True)
         self._thread.start()
 
@@ -148,6 +157,15 @@ class ModelLoad:
 
     def wait(self, timeout: float) -> bool:
         return self._done.wait(timeout)
+
+    def settle(self, error: str | None) -> None:
+        """Tell the listeners how the swap ended (once)."""
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            try:
+                listener(error)
+            except Exception:
+                logger.exception("a model swap listener failed")
 
     def result(self) -> Engine:
         """The engine, or the load's error (a :class:`~edge_stn.errors.ModelError`, ...)."""
@@ -298,6 +316,8 @@ class Daemon:
         self._publish_drops = 0
         self._stage_errors = 0
         self._model_load_failures = 0
+        self._latest_frames: dict[str, Frame] = {}
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._detect_ms = LatencyWindow()
         self._publish_ms = LatencyWindow()
         self._meter = ProcessMeter()
@@ -315,6 +335,12 @@ class Daemon:
         # Operations (issue 7): stage heartbeats, systemd notify/watchdog, health, metrics.
         self.heartbeats = Heartbeats(("detector", "publisher"))
         self.supervisor = Supervisor(self, notifier)
+        # Remote commands (issue 7): their own thread; this object is their CommandTarget.
+        self.commands: CommandRunner | None = None
+        if config.commands.enabled:
+            self.commands = CommandRunner(self, self.publisher.topics, self.publisher)
+            cmd_filter = subscription(config.mqtt.topic_prefix, "cmd", device=config.device_id)
+            self.publisher.listen_commands(cmd_filter, self.commands.offer)
 
     @staticmethod
     def _make_detector(engine: Engine, config: DaemonConfig) -> Detector:
@@ -360,6 +386,8 @@ class Daemon:
             len(self.readers),
             self.config.mqtt.broker,
         )
+        if self.commands is not None:
+            self.commands.start()
         self.publisher.start()
         self._publisher_thread.start()
         self._detector_thread.start()
@@ -401,6 +429,10 @@ class Daemon:
         self._publisher_thread.join(max(0.0, deadline - time.monotonic() - 2.0))
         if self._publisher_thread.is_alive():
             logger.warning("the publisher stage did not drain in time; queued results lost")
+        if self._loading is not None:
+            self._loading.settle("the daemon stopped")
+        if self.commands is not None:
+            self.commands.stop(timeout=0.5)
         self.publisher.stop(timeout=max(0.5, deadline - time.monotonic() - 0.2))
         self.supervisor.close()
         counters = self.publisher.counters()
@@ -435,6 +467,7 @@ class Daemon:
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()
                     self.reload()
+                self._run_calls()
                 self._check_model_load()
                 now = time.monotonic()
                 if now >= next_stats:
@@ -494,6 +527,7 @@ class Daemon:
                 loading.model.model_path,
                 wanted.model_path,
             )
+            loading.settle(f"abandoned for {wanted.model_path} (a reload or another command)")
             self._loading = None
         if wanted == self.config.model:
             return
@@ -523,6 +557,7 @@ class Daemon:
                 self.engine.sha256[:12],
                 exc,
             )
+            load.settle(str(exc))
             return
         previous = self.engine
         detector.stats = self.detector.stats
@@ -545,6 +580,7 @@ class Daemon:
                 FallbackStore(load.model.fallback_dir).keep(engine)  # the new last good model
             except Exception:  # best effort: the swap stands without a copy
                 logger.exception("cannot keep model %s for fallback", engine.path)
+        load.settle(None)
 
     def _apply(self, new: DaemonConfig) -> None:
         """Apply a reloaded config (device id, MQTT and model already settled)."""
@@ -599,6 +635,88 @@ class Daemon:
             "; ".join(changes) if changes else "unchanged",
         )
 
+    # ------------------------------------------------------------ remote commands
+
+    def _on_main(self, call: Callable[[], Any]) -> Any:
+        """Run ``call`` on the main thread (the one that reloads), wait for it and return its
+        result or raise its exception; :class:`CommandFailed` if it does not run in time."""
+        future: Future[Any] = Future()
+        self._calls.put((call, future))
+        self._wakeup.set()
+        try:
+            return future.result(MAIN_THREAD_TIMEOUT_S)
+        except FutureTimeout:
+            future.cancel()
+            raise CommandFailed(
+                f"the daemon did not carry it out within {MAIN_THREAD_TIMEOUT_S:g} s"
+            ) from None
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                call, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def reload_config(self) -> dict[str, Any]:
+        """The ``reload`` command: as SIGHUP, and say what changed (CommandTarget)."""
+
+        def reload() -> dict[str, Any]:
+            if self.config_path is None:
+                raise CommandFailed("the daemon was started without a config file to reload")
+            try:
+                new = load_config(self.config_path)
+            except EdgeStnError as exc:
+                raise CommandFailed(
+                    f"config not reloaded, the running one is kept: {exc}"
+                ) from None
+            old = self.config
+            changed = [k for k in DaemonConfig.model_fields if getattr(old, k) != getattr(new, k)]
+            self.reload()
+            return {
+                "changed": [k for k in changed if k not in RESTART_ONLY],
+                "needs_restart": [k for k in changed if k in RESTART_ONLY],
+                "model_loading": self._loading is not None,
+                "config_hash": config_hash(self.config),
+            }
+
+        result: dict[str, Any] = self._on_main(reload)
+        return result
+
+    def update_config(self, change: Callable[[DaemonConfig], DaemonConfig]) -> DaemonConfig:
+        """The ``thresholds`` command: apply ``change(config)`` live (CommandTarget)."""
+
+        def apply() -> DaemonConfig:
+            new = change(self.config)
+            self._apply(new)
+            return self.config
+
+        result: DaemonConfig = self._on_main(apply)
+        return result
+
+    def latest_frame(self, camera: str) -> Frame | None:
+        return self._latest_frames.get(camera)
+
+    def swap_model(self, model: ModelConfig, on_done: Callable[[str | None], None]) -> bool:
+        """The ``model`` command: load ``model`` as a reload would (CommandTarget)."""
+
+        def swap() -> bool:
+            self._reload_model(model)
+            load = self._loading
+            if load is None or load.model != model:
+                return False
+            load.listeners.append(on_done)
+            return True
+
+        started: bool = self._on_main(swap)
+        return started
+
     # ------------------------------------------------------------ the detector stage
 
     def _next_frames(self) -> list[Frame]:
@@ -621,6 +739,8 @@ class Daemon:
                         break
                     self._wakeup.wait(0.2)
                     continue
+                for frame in frames:  # the newest frame of each camera, for snapshots
+                    self._latest_frames[frame.camera_id] = frame
                 stage = self._stage  # one detector per batch, whatever a reload does
                 try:
                     results = stage.detector.detect(frames)
@@ -741,6 +861,11 @@ class Daemon:
                 "stage_errors": self._stage_errors,
                 "model_load_failures": self._model_load_failures,
             }
+        if self.commands is not None:
+            counters = self.commands.counters
+            drops["commands_rejected"] = counters.rejected
+            drops["commands_failed"] = counters.failed
+            drops["commands_busy"] = counters.busy
         drops["detector_frame_errors"] = self.detector.stats.frame_errors
         return drops
 

@@ -74,10 +74,13 @@ class SecretFilter(logging.Filter):
 
 
 def config_secrets(cfg: DaemonConfig) -> list[str]:
-    """The secret values of a config: the MQTT password and camera URL passwords."""
+    """The secret values of a config: the MQTT password, the command token and camera URL
+    passwords."""
     out: list[str] = []
     if cfg.mqtt.password is not None:
         out.append(cfg.mqtt.password.get_secret_value())
+    if cfg.commands.token is not None:
+        out.append(cfg.commands.token.get_secret_value())
     for cam in cfg.cameras:
         if isinstance(cam.source, str) and "@" in cam.source:
             password = urlsplit(cam.source).password

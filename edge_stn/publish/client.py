@@ -88,8 +88,10 @@ from edge_stn.records import CropRef, Detection, FrameResult
 
 logger = logging.getLogger(__name__)
 
-MessageKind = Literal["result", "crop", "status", "stats"]
-MESSAGE_KINDS: tuple[MessageKind, ...] = ("result", "crop", "status", "stats")
+MessageKind = Literal["result", "crop", "status", "stats", "reply"]
+MESSAGE_KINDS: tuple[MessageKind, ...] = ("result", "crop", "status", "stats", "reply")
+MAX_REPLIES_WAITING = 32
+"""Command replies waiting for the sender; more are dropped (counted)."""
 
 EARLY_ACK_TTL_S = 30.0
 MAINTENANCE_S = 1.0
@@ -135,6 +137,18 @@ class JpegCrop(Protocol):
 
     @property
     def height(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """A message received on the command filter (:meth:`MqttPublisher.listen_commands`)."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    """MQTT v5 Response Topic, as sent (may be anything: the receiver checks it)"""
+    correlation: bytes | None = None
+    """MQTT v5 Correlation Data, echoed in the reply"""
 
 
 @dataclass(frozen=True)
@@ -329,6 +343,9 @@ class MqttPublisher:
         self._strikes: list[int] = []
         self._refusals: list[tuple[int, int, str]] = []
         self._stats_out: list[bytes] = []
+        self._replies_out: list[tuple[str, bytes, bytes | None]] = []
+        self._command_filter: str | None = None
+        self._command_sink: Callable[[InboundMessage], None] | None = None
         self._need_online = False
         self._renew = False
         # messages in paho's hands
@@ -441,6 +458,7 @@ class MqttPublisher:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         client.on_socket_open = disable_nagle
         return client
 
@@ -518,6 +536,49 @@ class MqttPublisher:
         self._sender.start()
         self._client.connect_async(self.config.host, self.config.port, self.config.keepalive)
         self._client.loop_start()
+
+    def listen_commands(self, topic_filter: str, sink: Callable[[InboundMessage], None]) -> None:
+        """Subscribe to ``topic_filter`` (QoS 1) on every accepted connect and hand each
+        message to ``sink``, on paho's network thread: the sink must only queue it. Call
+        before :meth:`start`."""
+        if self._started:
+            raise RuntimeError("listen_commands() must come before start()")
+        self._command_filter, self._command_sink = topic_filter, sink
+
+    def reply_room(self, topic: str) -> int:
+        """The largest reply payload that can go out on ``topic`` (``mqtt.max_payload_bytes``
+        and the broker's Maximum Packet Size, with room for the properties)."""
+        room = self.config.max_payload_bytes
+        limit = self._broker_max_packet
+        if limit is not None:
+            room = min(room, limit - packet_size(topic, 0, None) - 64)
+        return max(0, room)
+
+    def publish_reply(
+        self, topic: str, payload: bytes, correlation: bytes | None = None
+    ) -> str | None:
+        """Queue a command reply (QoS 1, not retained, MQTT v5 correlation data) for the sender
+        thread; not through the outbox: a reply is for a requester waiting now, and worthless
+        after a restart. Returns why it cannot be sent (None: queued). Thread-safe."""
+        props = self._reply_props(correlation)
+        problem = self._payload_limit(topic, len(payload), props)
+        with self._wake:
+            if problem is None and (self._stopping or self._stopped):
+                problem = "the publisher is stopping"
+            if problem is None and len(self._replies_out) >= MAX_REPLIES_WAITING:
+                problem = f"{MAX_REPLIES_WAITING} replies are waiting already"
+            if problem is not None:
+                self._counts["reply"].dropped += 1
+                return problem
+            self._replies_out.append((topic, payload, correlation))
+            self._wake.notify_all()
+        return None
+
+    def _reply_props(self, correlation: bytes | None) -> Properties | None:
+        props = self._json_props()
+        if props is not None and correlation:
+            props.CorrelationData = correlation
+        return props
 
     def update_info(self, **changes: Any) -> None:
         """Change what the ``online`` document says (``model`` after a model swap,
@@ -818,6 +879,7 @@ class MqttPublisher:
             or self._strikes
             or self._refusals
             or self._stats_out
+            or self._replies_out
             or self._renew
             or (self._need_online and self._connected.is_set())
             or (self._waiting and self._flush_due is not None and self._flush_due <= now)
@@ -856,6 +918,7 @@ class MqttPublisher:
                 strikes, self._strikes = self._strikes, []
                 refusals, self._refusals = self._refusals, []
                 stats, self._stats_out = self._stats_out, []
+                replies, self._replies_out = self._replies_out, []
                 online = self._need_online and self._connected.is_set() and not stopping
                 if online:
                     self._need_online = False
@@ -875,6 +938,9 @@ class MqttPublisher:
                 self._hand_rows()
             for payload in stats:
                 self._publish_stats_now(payload)
+            for topic, payload, correlation in replies:
+                props = self._reply_props(correlation)
+                self._hand("reply", topic, payload, False, props, "reply", None)
             if stopping:
                 return
 
@@ -1254,6 +1320,9 @@ class MqttPublisher:
             self._need_online = True
             self._connected.set()
             self._wake.notify_all()
+        if self._command_filter is not None:
+            # every connect: the session (and its subscription) ends with the connection
+            client.subscribe(self._command_filter, qos=1)
         logger.info(
             "MQTT: connected to %s%s%s%s",
             self.config.broker,
@@ -1261,6 +1330,25 @@ class MqttPublisher:
             f" after {streak} failed attempts" if streak else "",
             f", maximum packet size {max_packet}" if max_packet else "",
         )
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        sink = self._command_sink
+        if sink is None or client is not self._client:
+            return
+        try:
+            props = getattr(msg, "properties", None)
+            response = getattr(props, "ResponseTopic", None) if props is not None else None
+            correlation = getattr(props, "CorrelationData", None) if props is not None else None
+            inbound = InboundMessage(
+                msg.topic,
+                bytes(msg.payload),
+                str(response) if response else None,
+                bytes(correlation) if correlation else None,
+            )
+        except (UnicodeDecodeError, TypeError, ValueError) as exc:  # a broker that let it by
+            logger.warning("MQTT: unreadable message on the command filter ignored: %s", exc)
+            return
+        sink(inbound)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError:`, so the cause (refused, timeout, a TLS

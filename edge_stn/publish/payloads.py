@@ -31,8 +31,8 @@ SCHEMA_VERSION = 1
 """Version of the status, result and stats documents; bumped when a field changes meaning or
 disappears (consumers should ignore fields they do not know)."""
 
-PayloadKind = Literal["status", "result", "stats"]
-PAYLOAD_KINDS: tuple[PayloadKind, ...] = ("status", "result", "stats")
+PayloadKind = Literal["status", "result", "stats", "reply"]
+PAYLOAD_KINDS: tuple[PayloadKind, ...] = ("status", "result", "stats", "reply")
 
 OfflineReason = Literal["stop", "lost"]
 
