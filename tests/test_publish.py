@@ -660,3 +660,21 @@ def test_nagle_is_off_on_the_broker_connection(
     sock = pub._client.socket()
     assert sock is not None
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_shared_json_properties_are_never_changed_by_a_reply() -> None:
+    # the JSON properties are made once and shared by every result, status and stats message:
+    # a reply's correlation data must go on a copy, or every later message would carry it
+    pub = MqttPublisher(MqttConfig(), device_info())
+    shared = pub._json_props()
+    assert shared is not None and pub._json_props() is shared
+    reply = pub._reply_props(b"ticket-7")
+    assert reply is not None and reply is not shared
+    assert reply.CorrelationData == b"ticket-7"
+    assert not hasattr(shared, "CorrelationData")
+    assert shared.pack() == pub._json_props().pack()
+    crop = pub._crop_props((("result_id", "r1"), ("label", "3")))
+    again = pub._crop_props(())
+    assert crop is not None and again is not None
+    assert crop.UserProperty == [("result_id", "r1"), ("label", "3")]
+    assert not hasattr(again, "UserProperty")  # the template was not changed either

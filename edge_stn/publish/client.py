@@ -483,7 +483,8 @@ class MqttPublisher:
 
     def _json_props(self, *, will: bool = False) -> Properties | None:
         """The properties of a JSON message: made once (paho's ``Properties()`` costs about
-        40 us, a dozen times a frame otherwise); paho only reads them."""
+        40 us, a dozen times a frame otherwise) and shared, so never changed: copy them to add
+        to them."""
         return self._props_json_will if will else self._props_json
 
     def _crop_props(self, user: Sequence[tuple[str, str]]) -> Properties | None:
@@ -577,6 +578,7 @@ class MqttPublisher:
     def _reply_props(self, correlation: bytes | None) -> Properties | None:
         props = self._json_props()
         if props is not None and correlation:
+            props = copy.copy(props)  # the shared JSON properties stay as they are
             props.CorrelationData = correlation
         return props
 
