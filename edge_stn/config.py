@@ -782,7 +782,9 @@ class OutboxConfig(Section):
 
 class HardExamplesConfig(Section):
     dir: ConfigPath = Field(
-        description="image folder (<dir>/<label>/<id>.png, as `edge-stn train` reads) for the "
+        Path("hard-examples"),
+        validate_default=True,
+        description="(relative: to the config file) image folder (<dir>/<label>/<id>.png, as `edge-stn train` reads) for the "
         "windows of low-confidence detections; crops beside them in <dir>/.crops"
     )
     score_below: float = Field(
