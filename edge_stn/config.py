@@ -785,7 +785,7 @@ class HardExamplesConfig(Section):
         Path("hard-examples"),
         validate_default=True,
         description="(relative: to the config file) image folder (<dir>/<label>/<id>.png, as `edge-stn train` reads) for the "
-        "windows of low-confidence detections; crops beside them in <dir>/.crops"
+        "windows of low-confidence detections; crops beside them in <dir>/.crops",
     )
     score_below: float = Field(
         0.8, gt=0, le=1, description="a detection scoring below this is a hard example"

@@ -195,7 +195,7 @@ class HardExampleWriter:
                 "capture_ts": frame.capture_ts,
                 "label": d.label,
                 "score": round(d.score, 5),
-                "box": [round(float(v), 2) for v in d.box],
+                "box": [float(v) for v in d.box],  # exact: the window can be cut again
                 "window": str(window_path.relative_to(self.root)),
                 "crop": str(crop_path.relative_to(self.root)),
             },
@@ -231,7 +231,14 @@ class HardExampleWriter:
                 os.replace(tmp, path)
                 written[-1] = path
             with (self.root / INDEX_FILE).open("a", encoding="utf-8") as fh:
-                fh.write(line + "\n")
+                start = fh.tell()
+                try:
+                    fh.write(line + "\n")
+                    fh.flush()
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        fh.truncate(start)  # no half line
+                    raise
         except OSError as exc:
             for path in written:  # nothing half-saved: the window, crop and line go together
                 with contextlib.suppress(OSError):
