@@ -22,6 +22,7 @@ import jsonschema
 import numpy as np
 import pytest
 from mqtt_broker import Mosquitto, Subscriber, wait_until
+from synth_scenes import write_scenes
 
 from edge_stn.accuracy import match_pairs
 from edge_stn.config import CropConfig, TrackingConfig
@@ -194,16 +195,7 @@ FRAMES = 240  # 16 s at 15 fps: two segments of new digits per video
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, dict[str, Any]]]:
-    from edge_stn.video.synth_video import write_synthetic_video
-
-    folder = tmp_path_factory.mktemp("tracking")
-    out = []
-    for seed in SEEDS:
-        v = write_synthetic_video(
-            folder / f"s{seed}.mp4", folder / f"s{seed}.json", frames=FRAMES, seed=seed
-        )
-        out.append((v.video, json.loads(v.truth.read_text())))
-    return out
+    return write_scenes(tmp_path_factory.mktemp("tracking"), SEEDS, FRAMES)
 
 
 def test_synthetic_truth_names_each_object_across_frames(
