@@ -11,9 +11,12 @@ Threads, named so a stack dump tells who is who:
   queue. A live camera's result is dropped (``drops.result_queue``) when the queue is full, so
   capture never waits; a file's result waits for room, so a file yields one result per frame
   and its reader is slowed down instead (files run as fast as the pipeline allows).
-* ``edge-stn.publisher``: cuts the canonical crops (:mod:`edge_stn.detect.crops`) and hands the
-  result and its crops to :class:`~edge_stn.publish.client.MqttPublisher` (paho's own network
-  thread does the rest).
+* ``edge-stn.publisher``: gives detections their track ids (:mod:`edge_stn.detect.track_crops`),
+  cuts the canonical crops (:mod:`edge_stn.detect.crops`) and hands the result and its crops to
+  :class:`~edge_stn.publish.client.MqttPublisher` (paho's own network thread does the rest);
+  under ``crops.policy: best_per_track`` it keeps each track's best crop and hands it over with
+  a track announcement when the track ends; it queues hard examples for
+  ``edge-stn.hard-examples`` (:mod:`edge_stn.detect.hard_examples`).
 * ``edge-stn.model-loader``: builds an :class:`~edge_stn.runtime.engine.Engine` (trust check,
   ONNX Runtime session and warm-up) at start-up and after a reload that changes the model, so
   signals are handled meanwhile (a TensorRT engine build takes minutes).
@@ -41,7 +44,9 @@ SIGHUP re-reads and validates the config file and applies it while running:
   settings changed (``source``, ``fps``, ``on_end``, timeouts, ``rtsp_transport``) is restarted;
   a change of only ``proposals`` or ``roi`` applies without touching its reader, and unchanged
   cameras are not disturbed;
-* ``detection``, ``crops`` (all of it) and ``stats_interval_s`` apply from the next frame;
+* ``detection``, ``crops`` (all of it), ``tracking`` and ``stats_interval_s`` apply from the
+  next frame; a changed ``hard_examples`` gets a new writer (one whose folder cannot be made is
+  not applied: the running one is kept);
 * ``model``: the new model is checked (sha256, trust), loaded and warmed up on the loader thread
   while the running one goes on, and swapped in only when that succeeded (it then becomes the
   last good model of ``model.fallback_dir``); otherwise the running model stays and the log

@@ -3,11 +3,12 @@
 One SQLite database in WAL mode per daemon, held with an exclusive file lock (``<path>.lock``)
 so that two daemons cannot share it. It keeps:
 
-* ``message``: the results and crops not yet acknowledged by the broker, in the order they were
-  produced (``row`` grows and is never reused). A row is deleted only when the broker's PUBACK
+* ``message``: the results, crops and track announcements (``crops.policy: best_per_track``,
+  each with its chosen crop under it) not yet acknowledged by the broker, in the order they
+  were produced (``row`` grows and is never reused). A row is deleted only when the broker's PUBACK
   carries a reason code below 0x80.
 * ``seq``: the next ``seq`` per camera, and ``meta``: the ``epoch`` (chosen when the file is
-  created). So ``seq`` continues across restarts, and a new or moved-aside outbox starts a new
+  created) and each camera's next track id. So ``seq`` and track ids continue across restarts, and a new or moved-aside outbox starts a new
   epoch, which tells consumers not to look for gaps across it (DESIGN §6).
 * ``counter``: totals since the outbox was created (committed, acknowledged, shed, dead-lettered,
   per kind): the commit log that says how many results were produced.
