@@ -297,13 +297,14 @@ class Daemon:
         self._live: dict[str, bool] = {}
         for cam in config.cameras:
             self._add_reader(cam)
+        # before the outbox is opened: a folder that cannot be made refuses the start cleanly
+        self._hard = HardExampleWriter(config.hard_examples) if config.hard_examples else None
         self.publisher = MqttPublisher.from_config(config, self._stage.model, limits=limits)
         self._crops: CropConfig = config.crops
         # Issue 7.6/7.7: track ids and the crop policy, hard examples (publisher stage).
         self._tracks = TrackStage(
             config.tracking, config.crops, self.publisher.outbox.next_track_ids()
         )
-        self._hard = HardExampleWriter(config.hard_examples) if config.hard_examples else None
         self._stats_interval_s = config.stats_interval_s
         self._queue: queue.Queue[_Work | object] = queue.Queue(maxsize=queue_size)
         self._queue_drops = 0
@@ -402,6 +403,8 @@ class Daemon:
         deadline = time.monotonic() + timeout
         self.request_stop()
         if not self._started:
+            if self._hard is not None:
+                self._hard.close()
             self.supervisor.close()
             return
         self.supervisor.stopping()

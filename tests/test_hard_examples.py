@@ -171,3 +171,42 @@ def test_a_full_disk_is_counted_and_survived(tmp_path: Path) -> None:
         assert not [p for p in root.rglob("*.tmp")]
     finally:
         subprocess.run(["umount", str(root)], check=False)
+
+
+def test_reload_with_a_folder_that_cannot_be_made_keeps_the_running_one(
+    mosquitto: Mosquitto, tmp_path: Path, scene: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from edge_stn.cli import main
+    from edge_stn.config import load_config
+    from edge_stn.daemon import Daemon
+
+    def write(hard_dir: Path, threshold: float) -> Path:
+        doc = {
+            "device_id": "gw-hard",
+            "cameras": [{"id": "cam0", "source": str(scene)}],
+            "detection": {"score_threshold": threshold},
+            "hard_examples": {"dir": str(hard_dir)},
+            "mqtt": {"host": mosquitto.host, "port": mosquitto.port},
+        }
+        cfg = tmp_path / "daemon.yaml"
+        cfg.write_text(json.dumps(doc))
+        return cfg
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    # at start: one clear line, exit code 2
+    assert main(["run", "--config", str(write(blocker / "hard", 0.5))]) == 2
+    cfg = write(tmp_path / "hard", 0.5)
+    daemon = Daemon(load_config(cfg), config_path=cfg)
+    try:
+        write(blocker / "hard", 0.7)
+        with caplog.at_level(logging.ERROR, logger="edge_stn.daemon"):
+            assert daemon.reload()
+        assert "hard_examples not applied, keeping the running one" in caplog.text
+        assert daemon.config.hard_examples is not None
+        assert daemon.config.hard_examples.dir == tmp_path / "hard"
+        assert daemon.detector.detection.score_threshold == 0.7  # the rest applies
+    finally:
+        daemon.stop()

@@ -108,10 +108,10 @@ class HardExampleWriter:
         self._error_logged_at = -ERROR_LOG_S
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=QUEUE_SIZE)
+        # started with the first example: making a writer only checks and creates the folder
         self._thread = threading.Thread(
             target=self._run, name="edge-stn.hard-examples", daemon=True
         )
-        self._thread.start()
 
     # ------------------------------------------------------------ the publisher stage's side
 
@@ -132,6 +132,8 @@ class HardExampleWriter:
         for n, d in enumerate(result.detections):
             if not self.wanted(d):
                 continue
+            if self._thread.ident is None:
+                self._thread.start()
             try:
                 self._queue.put_nowait(_Job(frame, d, result_id, n, windows, crop_size))
             except queue.Full:
@@ -140,6 +142,8 @@ class HardExampleWriter:
 
     def close(self, timeout: float = 2.0) -> None:
         """Write what is queued (within ``timeout``) and stop the thread."""
+        if self._thread.ident is None:
+            return  # never started: nothing queued
         deadline = time.monotonic() + timeout
         while self._thread.is_alive():
             try:
