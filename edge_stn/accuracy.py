@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from edge_stn.detect.nms import box_iou
+from edge_stn.detect.nms import box_iou, greedy_pairs
 
 MATCH_IOU = 0.5
 
@@ -57,18 +57,7 @@ def match_pairs(detections: Sequence[Box], truth: Sequence[Box]) -> list[tuple[i
     """One-to-one ``(detection, truth)`` index pairs at IoU >= 0.5, best pairs first (greedy)."""
     if not detections or not truth:
         return []
-    iou = box_iou(list(detections), list(truth))
-    pairs = []
-    for flat in np.argsort(-iou, axis=None):
-        i, j = np.unravel_index(flat, iou.shape)
-        if iou[i, j] < MATCH_IOU:
-            break
-        if np.isnan(iou[i, j]):
-            continue
-        pairs.append((int(i), int(j)))
-        iou[i, :] = -1.0
-        iou[:, j] = -1.0
-    return pairs
+    return greedy_pairs(box_iou(list(detections), list(truth)), MATCH_IOU)
 
 
 def match_frame(

@@ -573,6 +573,41 @@ class CropConfig(Section):
         ge=1024,
         description="crops whose JPEG is larger are not published (crop_status 'policy')",
     )
+    policy: Literal["every", "best_per_track"] = Field(
+        "every",
+        description="'every': a crop per detection per frame; 'best_per_track': one crop per "
+        "confirmed track, its best frame (highest score), announced on cam/<camera>/track when "
+        "the track ends or after hold_s (needs tracking.enabled)",
+    )
+    hold_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="best_per_track: a track still open after this long gets its crop now",
+    )
+    max_open_tracks: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="best_per_track: tracks holding a crop (about one JPEG each); beyond it "
+        "the oldest is sent at once",
+    )
+
+
+class TrackingConfig(Section):
+    enabled: bool = Field(True, description="give each detection the track id of its object")
+    iou: float = Field(
+        0.3, gt=0, le=1, description="smallest IoU of a predicted track box and a detection"
+    )
+    max_age: int = Field(
+        15, ge=0, le=10_000, description="processed frames a track survives without a detection"
+    )
+    max_age_s: float = Field(
+        2.0, gt=0, le=3600, description="seconds a track survives without a detection"
+    )
+    min_hits: int = Field(
+        3, ge=1, le=1000, description="detections before a track is confirmed (announced)"
+    )
 
 
 # ---------------------------------------------------------------- MQTT
@@ -753,6 +788,29 @@ class OutboxConfig(Section):
         return default_state_dir() / f"outbox-{device_id}.sqlite"
 
 
+class HardExamplesConfig(Section):
+    dir: ConfigPath = Field(
+        Path("hard-examples"),
+        validate_default=True,
+        description="(relative: to the config file) image folder (<dir>/<label>/<id>.png, as `edge-stn train` reads) for the "
+        "windows of low-confidence detections; crops beside them in <dir>/.crops",
+    )
+    score_below: float = Field(
+        0.8, gt=0, le=1, description="a detection scoring below this is a hard example"
+    )
+    max_bytes: Annotated[int, BeforeValidator(_byte_size)] = Field(
+        100 * 1024**2,
+        ge=64 * 1024,
+        description="stop saving when the folder holds this much (counted, logged once)",
+    )
+    max_files: int | None = Field(
+        None, ge=1, description="stop saving after this many examples (null: no count limit)"
+    )
+    labels: list[str] | None = Field(
+        None, description="only detections with these labels (null: every label)"
+    )
+
+
 # ---------------------------------------------------------------- operations (issue 7)
 
 
@@ -876,6 +934,12 @@ class DaemonConfig(Section):
         default_factory=DetectionConfig, description="what counts as a detection"
     )
     crops: CropConfig = Field(default_factory=CropConfig, description="canonical crops")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="track ids across frames"
+    )
+    hard_examples: HardExamplesConfig | None = Field(
+        None, description="save low-confidence windows for labelling and training (absent: off)"
+    )
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="the broker")
     outbox: OutboxConfig = Field(
         default_factory=OutboxConfig,
@@ -922,6 +986,12 @@ class DaemonConfig(Section):
                 )
             seen[cam.id] = i
         return value
+
+    @model_validator(mode="after")
+    def _policy_needs_tracks(self) -> DaemonConfig:
+        if self.crops.policy == "best_per_track" and not self.tracking.enabled:
+            raise ValueError("crops.policy 'best_per_track' needs tracking.enabled: true")
+        return self
 
     @property
     def client_id(self) -> str:

@@ -11,9 +11,12 @@ Threads, named so a stack dump tells who is who:
   queue. A live camera's result is dropped (``drops.result_queue``) when the queue is full, so
   capture never waits; a file's result waits for room, so a file yields one result per frame
   and its reader is slowed down instead (files run as fast as the pipeline allows).
-* ``edge-stn.publisher``: cuts the canonical crops (:mod:`edge_stn.detect.crops`) and hands the
-  result and its crops to :class:`~edge_stn.publish.client.MqttPublisher` (paho's own network
-  thread does the rest).
+* ``edge-stn.publisher``: gives detections their track ids (:mod:`edge_stn.detect.track_crops`),
+  cuts the canonical crops (:mod:`edge_stn.detect.crops`) and hands the result and its crops to
+  :class:`~edge_stn.publish.client.MqttPublisher` (paho's own network thread does the rest);
+  under ``crops.policy: best_per_track`` it keeps each track's best crop and hands it over with
+  a track announcement when the track ends; it queues hard examples for
+  ``edge-stn.hard-examples`` (:mod:`edge_stn.detect.hard_examples`).
 * ``edge-stn.model-loader``: builds an :class:`~edge_stn.runtime.engine.Engine` (trust check,
   ONNX Runtime session and warm-up) at start-up and after a reload that changes the model, so
   signals are handled meanwhile (a TensorRT engine build takes minutes).
@@ -43,7 +46,9 @@ SIGHUP re-reads and validates the config file and applies it while running:
   settings changed (``source``, ``fps``, ``on_end``, timeouts, ``rtsp_transport``) is restarted;
   a change of only ``proposals`` or ``roi`` applies without touching its reader, and unchanged
   cameras are not disturbed;
-* ``detection``, ``crops`` (all of it) and ``stats_interval_s`` apply from the next frame;
+* ``detection``, ``crops`` (all of it), ``tracking`` and ``stats_interval_s`` apply from the
+  next frame; a changed ``hard_examples`` gets a new writer (one whose folder cannot be made is
+  not applied: the running one is kept);
 * ``model``: the new model is checked (sha256, trust), loaded and warmed up on the loader thread
   while the running one goes on, and swapped in only when that succeeded (it then becomes the
   last good model of ``model.fallback_dir``); otherwise the running model stays and the log
@@ -70,7 +75,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -86,6 +91,8 @@ from edge_stn.config import (
 )
 from edge_stn.detect.crops import LazyCrop
 from edge_stn.detect.detector import Detector
+from edge_stn.detect.hard_examples import HardExampleWriter
+from edge_stn.detect.track_crops import TrackStage
 from edge_stn.errors import EdgeStnError, SourceError
 from edge_stn.ops.commands import MAIN_THREAD_TIMEOUT_S, CommandFailed, CommandRunner
 from edge_stn.ops.health import Heartbeats
@@ -96,7 +103,7 @@ from edge_stn.publish.client import MqttPublisher, PublishedResult, PublisherLim
 from edge_stn.publish.payloads import ModelInfo, stats_document
 from edge_stn.publish.stats import LatencyWindow, ProcessMeter
 from edge_stn.publish.topics import subscription
-from edge_stn.records import Frame, FrameResult
+from edge_stn.records import ChosenCrop, Frame, FrameResult
 from edge_stn.runtime.engine import Engine, verify_model_file
 from edge_stn.runtime.fallback import FallbackStore, open_engine
 from edge_stn.video.factory import file_camera_problems, make_reader
@@ -308,8 +315,14 @@ class Daemon:
         self._live: dict[str, bool] = {}
         for cam in config.cameras:
             self._add_reader(cam)
+        # before the outbox is opened: a folder that cannot be made refuses the start cleanly
+        self._hard = HardExampleWriter(config.hard_examples) if config.hard_examples else None
         self.publisher = MqttPublisher.from_config(config, self._stage.model, limits=limits)
         self._crops: CropConfig = config.crops
+        # Issue 7.6/7.7: track ids and the crop policy, hard examples (publisher stage).
+        self._tracks = TrackStage(
+            config.tracking, config.crops, self.publisher.outbox.next_track_ids()
+        )
         self._stats_interval_s = config.stats_interval_s
         self._queue: queue.Queue[_Work | object] = queue.Queue(maxsize=queue_size)
         self._queue_drops = 0
@@ -418,6 +431,8 @@ class Daemon:
         deadline = time.monotonic() + timeout
         self.request_stop()
         if not self._started:
+            if self._hard is not None:
+                self._hard.close()
             self.supervisor.close()
             return
         self.supervisor.stopping()
@@ -582,8 +597,24 @@ class Daemon:
                 logger.exception("cannot keep model %s for fallback", engine.path)
         load.settle(None)
 
+    def _swap_hard_examples(self, new: DaemonConfig) -> DaemonConfig:
+        """A changed ``hard_examples`` gets a new writer; one whose folder cannot be made
+        keeps the running one (logged)."""
+        if new.hard_examples == self.config.hard_examples:
+            return new
+        try:
+            writer = HardExampleWriter(new.hard_examples) if new.hard_examples else None
+        except EdgeStnError as exc:
+            logger.error("SIGHUP: hard_examples not applied, keeping the running one: %s", exc)
+            return new.model_copy(update={"hard_examples": self.config.hard_examples})
+        old, self._hard = self._hard, writer
+        if old is not None:
+            old.close()
+        return new
+
     def _apply(self, new: DaemonConfig) -> None:
         """Apply a reloaded config (device id, MQTT and model already settled)."""
+        new = self._swap_hard_examples(new)
         old = {c.id: c for c in self.config.cameras}
         wanted = {c.id: c for c in new.cameras}
         removed = [cid for cid in old if cid not in wanted]
@@ -601,6 +632,7 @@ class Daemon:
         detector.stats = stage.detector.stats
         self._stage = _Stage(detector, stage.model)
         self._crops = new.crops
+        self._tracks.configure(new.tracking, new.crops)
         self._stats_interval_s = new.stats_interval_s
         self.config = new
         started = self._started and not self.stop_event.is_set()
@@ -796,7 +828,7 @@ class Daemon:
 
     def _crops_of(self, work: _Work) -> list[LazyCrop | None] | None:
         cfg = self._crops
-        if not cfg.enabled or not work.result.detections:
+        if not cfg.enabled or not work.result.detections or self._tracks.best_per_track:
             return None
         # Cut and encoded only when the publisher reads them: a dropped result costs none.
         size, image = work.crop_size, work.frame.image
@@ -811,11 +843,16 @@ class Daemon:
             try:
                 item = self._queue.get(timeout=0.5)
             except queue.Empty:
+                self._announce(self._tracks.due(time.time()))
                 continue
             if item is _END:
+                self._announce(self._tracks.close())
+                if self._hard is not None:
+                    self._hard.close()
                 self.heartbeats.done("publisher")
                 return
             assert isinstance(item, _Work)
+            item = replace(item, result=self._tracks.assign(item.result))
             # After a stop request, what is queued gets a short wait for room, not the full one.
             timeout = 0.2 if self.stop_event.is_set() else None
             try:
@@ -838,11 +875,39 @@ class Daemon:
                 with self._lock:
                     self._publish_drops += 1
                 continue
+            self._after_publish(item, published.id)
             self._publish_ms.add(published.publish_ms)
             if self.supervisor.metrics is not None:
                 self.supervisor.metrics.observe_publish(item.result.camera_id, published.publish_ms)
             if self._on_published is not None:
                 self._on_published(published)
+
+    def _after_publish(self, item: _Work, result_id: str) -> None:
+        """A published result's crop candidates and hard examples (issue 7.6/7.7)."""
+        try:
+            self._tracks.offer(item.result, result_id, item.frame, item.crop_size)
+            self._announce(self._tracks.due())
+            if self._hard is not None:
+                windows = self._stage.detector.windows
+                self._hard.offer(
+                    item.result,
+                    result_id,
+                    item.frame,
+                    lambda f, b: windows(f, b).images,
+                    item.crop_size,
+                )
+        except Exception:
+            with self._lock:
+                self._stage_errors += 1
+            logger.exception("camera %s: track crops or hard examples failed", item.frame.camera_id)
+
+    def _announce(self, chosen: list[ChosenCrop]) -> None:
+        for c in chosen:
+            if not self.publisher.publish_track(
+                c, timeout=0.2 if self.stop_event.is_set() else None
+            ):
+                with self._lock:
+                    self._publish_drops += 1
 
     # ------------------------------------------------------------ stats
 
@@ -918,6 +983,8 @@ class Daemon:
             drops=drops,
             process=self._meter.sample(),
             health=self.supervisor.health_summary(),
+            tracking=self._tracks.stats() if self.config.tracking.enabled else None,
+            hard_examples=self._hard.stats() if self._hard is not None else None,
         )
 
     def publish_stats(self) -> bool:

@@ -226,6 +226,14 @@ class Detection:
                 f"{'set' if self.crop is not None else 'None'}: a crop is set exactly when 'sent'"
             )
 
+    def with_track(self, track_id: int | None) -> Detection:
+        """This detection with its track id (the tracker's, once a frame per detection): only
+        the id is checked, as in :meth:`with_crop`."""
+        out = object.__new__(Detection)
+        tid = None if track_id is None else _index("track_id", track_id)
+        out.__dict__.update(self.__dict__, track_id=tid)
+        return out
+
     def with_crop(self, crop: CropRef | None, crop_status: CropStatus) -> Detection:
         """This detection with its crop's fate set: what the publisher does five times a frame,
         so only the two new fields are checked (the rest were checked when it was made)."""
@@ -289,3 +297,50 @@ class FrameResult:
     def detect_ms(self) -> float:
         """``infer_ts - capture_ts`` in milliseconds (DESIGN §7)."""
         return (self.infer_ts - self.capture_ts) * 1000.0
+
+
+TrackEnd = Literal["ended", "held", "evicted", "stopped"]
+TRACK_ENDS: tuple[TrackEnd, ...] = ("ended", "held", "evicted", "stopped")
+"""Why a track's crop went out: the track ``ended`` (no detection for ``tracking.max_age``),
+it was ``held`` for ``crops.hold_s`` and goes on, ``evicted`` to respect
+``crops.max_open_tracks``, or the camera or daemon ``stopped``."""
+
+
+@dataclass(frozen=True, eq=False)
+class ChosenCrop:
+    """The crop a crop policy chose for a track, with what the announcement says about the
+    track (DESIGN §6, issue 7.6). ``result_id``/``index``: the result and detection the crop
+    belongs to (its crop topic); ``jpeg`` None: the crop was over the size limit."""
+
+    camera_id: str
+    track_id: int
+    result_id: str
+    index: int
+    frame_index: int
+    label: str
+    score: float
+    box: FloatArray
+    jpeg: bytes | None
+    width: int
+    height: int
+    first_frame: int
+    last_frame: int
+    first_ts: float
+    last_ts: float
+    hits: int
+    labels: dict[str, int]
+    reason: TrackEnd
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "camera_id", _camera(self.camera_id))
+        for name in ("track_id", "index", "frame_index", "first_frame", "last_frame", "hits"):
+            object.__setattr__(self, name, _index(name, getattr(self, name)))
+        for name in ("first_ts", "last_ts"):
+            object.__setattr__(self, name, _time(name, getattr(self, name)))
+        object.__setattr__(self, "box", _box("box", self.box))
+        if self.last_frame < self.first_frame:
+            raise ValueError(f"last_frame {self.last_frame} < first_frame {self.first_frame}")
+        if self.reason not in TRACK_ENDS:
+            raise ValueError(f"reason must be one of {', '.join(TRACK_ENDS)}: {self.reason!r}")
+        if not 0.0 <= float(self.score) <= 1.0:
+            raise ValueError(f"score must be in [0, 1], got {self.score!r}")

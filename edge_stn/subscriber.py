@@ -48,6 +48,10 @@ logger = logging.getLogger(__name__)
 StreamKey = tuple[str, str, str]
 """(device, camera, epoch): the scope of ``seq``."""
 
+RESULT_VERSIONS = (1, 2)
+"""Result schema versions this consumer knows (docs/mqtt.md: 2 fills track_id)."""
+TRACK_VERSIONS = (1,)
+
 _GROUP = re.compile(r"^[^/+#\0]{1,64}$")
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -112,6 +116,7 @@ class SubscribeOptions:
         for d in devices:
             for c in cameras:
                 out.append(subscription(self.prefix, "result", device=d, camera=c))
+                out.append(subscription(self.prefix, "track", device=d, camera=c))
                 if self.crops_dir is not None:
                     out.append(subscription(self.prefix, "crop", device=d, camera=c))
         if self.share is not None:
@@ -233,6 +238,22 @@ def check_result(doc: Any, device: str, camera: str | None) -> str | None:
     return None
 
 
+def check_track(doc: Any, device: str, camera: str | None) -> str | None:
+    """Why a track announcement breaks the contract (None: usable)."""
+    if not isinstance(doc, dict):
+        return f"expected a JSON object, got {type(doc).__name__}"
+    for name in ("device", "camera", "epoch", "result_id", "label"):
+        if not isinstance(doc.get(name), str) or not doc[name]:
+            return f"'{name}' missing or not a non-empty string"
+    for name in ("track_id", "n"):
+        v = doc.get(name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            return f"'{name}' must be an integer >= 0, got {v!r}"
+    if doc["device"] != device or (camera is not None and doc["camera"] != camera):
+        return f"device/camera {doc['device']}/{doc['camera']} differ from the topic's"
+    return None
+
+
 def crop_file_name(ts: float, label: str, result_id: str, index: int) -> str:
     """``20260101T120000.123Z_7_<id>_0.jpg``: time (UTC, ms), label, result id, index."""
     t = datetime.fromtimestamp(ts, tz=timezone.utc)
@@ -256,6 +277,7 @@ class Summary:
     crops: int = 0
     crops_saved: int = 0
     shown: int = 0
+    tracks: int = 0
 
     def lines(self, shared: bool) -> list[str]:
         out = [
@@ -270,6 +292,8 @@ class Summary:
                 "stream(s) (device, camera, epoch)"
             )
         out.append(f"crops {self.crops} received, {self.crops_saved} saved")
+        if self.tracks:
+            out.append(f"track announcements {self.tracks} received")
         return out
 
 
@@ -294,6 +318,8 @@ class Consumer:
         self.err = err if err is not None else sys.stderr
         self.keep = keep
         self.docs: list[dict[str, Any]] = []
+        self.track_docs: list[dict[str, Any]] = []
+        self._unknown_versions: set[tuple[str, Any]] = set()
         self.tracker = DeliveryTracker()
         self.summary = Summary()
         self.done = threading.Event()
@@ -436,6 +462,8 @@ class Consumer:
             self._on_result(msg, parsed.device, parsed.camera)
         elif parsed.kind == "crop" and parsed.result_id is not None:
             self._on_crop(msg, parsed.result_id, parsed.index or 0)
+        elif parsed.kind == "track":
+            self._on_track(msg, parsed.device, parsed.camera)
         elif parsed.kind == "status":
             self._on_status(msg, parsed.device)
 
@@ -454,6 +482,7 @@ class Consumer:
                 self.summary.malformed += 1
             self._warn(f"malformed result on {msg.topic}: {problem}; skipped")
             return
+        self._check_version("result", doc, RESULT_VERSIONS)
         key = (doc["device"], doc["camera"], doc["epoch"])
         labels = [d["label"] for d in doc["detections"]]
         with self._lock:
@@ -540,6 +569,51 @@ class Consumer:
             self._saved[msg.topic] = None
             if len(self._saved) > 10_000:
                 self._saved.popitem(last=False)
+
+    def _check_version(self, kind: str, doc: dict[str, Any], known: tuple[int, ...]) -> None:
+        """A version this consumer does not know is read as far as it goes, with one warning
+        per version (fields it does not know are ignored)."""
+        version = doc.get("schema_version")
+        if version in known or (kind, version) in self._unknown_versions:
+            return
+        self._unknown_versions.add((kind, version))
+        self._warn(
+            f"{kind} schema_version {version!r} is not one this subscriber knows "
+            f"({', '.join(map(str, known))}): reading the fields it knows"
+        )
+
+    def _on_track(self, msg: mqtt.MQTTMessage, device: str, camera: str | None) -> None:
+        """A track announcement (crops.policy best_per_track): the crop chosen for a track."""
+        try:
+            doc = json.loads(msg.payload)
+            problem = check_track(doc, device, camera)
+        except (UnicodeDecodeError, ValueError) as exc:
+            problem = f"not JSON: {exc}"
+        if problem is not None:
+            with self._lock:
+                self.summary.malformed += 1
+            self._warn(f"malformed track announcement on {msg.topic}: {problem}; skipped")
+            return
+        self._check_version("track", doc, TRACK_VERSIONS)
+        wanted = self.opts.labels
+        with self._lock:
+            self.summary.tracks += 1
+            if self.keep:
+                self.track_docs.append(doc)
+        if wanted and doc["label"] not in wanted:
+            return
+        if self.opts.json_lines:
+            print(json.dumps(doc, separators=(",", ":")), file=self.out, flush=True)
+            return
+        crop = doc.get("crop") or {}
+        print(
+            f"# track {doc['device']}/{doc['camera']} {doc['track_id']} ({doc.get('reason')}): "
+            f"{doc['label']}({float(doc.get('score', 0)):.2f}) {doc.get('hits')} hits, frames "
+            f"{doc.get('first_frame_index')}-{doc.get('last_frame_index')}, crop "
+            f"{crop.get('topic', doc.get('crop_status'))}",
+            file=self.out,
+            flush=True,
+        )
 
     def _on_status(self, msg: mqtt.MQTTMessage, device: str) -> None:
         try:

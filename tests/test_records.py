@@ -179,3 +179,25 @@ def test_frame_result_errors() -> None:
         FrameResult("cam0", 0, 0.0, 0.0, 0, 480)
     with pytest.raises(ValueError, match="infer_ts"):
         FrameResult("cam0", 0, 0.0, None, 640, 480)  # type: ignore[arg-type]
+
+
+def test_with_crop_and_with_track_check_what_they_change_and_keep_the_rest() -> None:
+    d = detection()
+    ref = CropRef(topic="t/crop/r/0", width=64, height=64)
+    sent = d.with_crop(ref, "sent").with_track(7)
+    assert (sent.crop, sent.crop_status, sent.track_id) == (ref, "sent", 7)
+    assert (d.crop, d.crop_status, d.track_id) == (None, "off", None)  # the original is untouched
+    assert sent.to_dict() == {**d.to_dict(), "crop": ref.to_dict(), "crop_status": "sent",
+                              "track_id": 7}  # fmt: skip
+    assert sent.box is d.box  # the checked, read-only arrays are shared, not copied
+    with pytest.raises(ValueError, match="exactly when 'sent'"):
+        d.with_crop(None, "sent")
+    with pytest.raises(ValueError, match="exactly when 'sent'"):
+        d.with_crop(ref, "shed")
+    with pytest.raises(ValueError, match="crop_status must be one of"):
+        d.with_crop(None, "lost")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="CropRef"):
+        d.with_crop({"topic": "x"}, "sent")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="track_id"):
+        d.with_track(-1)
+    assert d.with_track(3).with_track(None).track_id is None

@@ -267,3 +267,42 @@ def test_a_refused_connection_is_one_clear_line_and_exit_2(
     )
     monkeypatch.setenv("EDGE_STN_MQTT_PASSWORD", "right")
     assert main([*args, "--seconds", "0.5"]) == 0
+
+
+def test_track_announcements_and_result_schema_versions(mosquitto: Mosquitto) -> None:
+    c = consumer(mosquitto)
+    pub = RawPublisher(mosquitto)
+    try:
+        topic, payload = result_payload(0)
+        v1 = json.loads(payload)
+        v1["schema_version"] = 1  # a daemon before tracking: read as before
+        pub.publish(topic, encode(v1))
+        pub.publish(*result_payload(1))  # version 2
+        v3 = json.loads(result_payload(2)[1])
+        v3["schema_version"] = 3
+        v3["new_field"] = True  # a later version: read as far as it goes, one warning
+        pub.publish(topic, encode(v3))
+        track = {
+            "schema_version": 1, "device": "gw1", "camera": "cam0", "epoch": EPOCH,
+            "track_id": 4, "ts": 1.0, "reason": "ended", "result_id": "cam0x000001", "n": 0,
+            "frame_index": 1, "label": "7", "score": 0.9, "box": [0, 0, 1, 1],
+            "crop": None, "crop_status": "policy", "first_frame_index": 0,
+            "last_frame_index": 2, "first_ts": 1.0, "last_ts": 2.0, "hits": 3,
+            "labels": {"7": 3},
+        }  # fmt: skip
+        pub.publish("edge-stn/gw1/cam/cam0/track", encode(track))
+        pub.publish("edge-stn/gw1/cam/cam0/track", b'{"track_id": "x"}')
+        pub.wait()
+        assert wait_until(lambda: c.summary_now().tracks == 1 and len(c.docs) == 3, 10)
+        assert wait_until(lambda: c.summary_now().malformed == 1, 10)
+    finally:
+        pub.close()
+        c.close()
+    assert [d["seq"] for d in c.docs] == [0, 1, 2]
+    assert c.track_docs == [track]
+    err = c.err.getvalue()  # type: ignore[attr-defined]
+    assert err.count("schema_version 3 is not one this subscriber knows") == 1
+    assert "schema_version 1 " not in err and "schema_version 2 " not in err
+    assert "malformed track announcement" in err
+    out = c.out.getvalue()  # type: ignore[attr-defined]
+    assert "# track gw1/cam0 4 (ended): 7(0.90) 3 hits, frames 0-2" in out

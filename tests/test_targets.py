@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from mqtt_broker import Mosquitto, Subscriber, wait_until
+from synth_scenes import write_scenes
 
 from edge_stn.accuracy import (
     crop_rotation,
@@ -37,16 +38,7 @@ MAX_MEDIAN_ROTATION = 10.0
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, dict[str, Any]]]:
-    from edge_stn.video.synth_video import write_synthetic_video
-
-    folder = tmp_path_factory.mktemp("targets")
-    out = []
-    for seed in SEEDS:
-        v = write_synthetic_video(
-            folder / f"s{seed}.mp4", folder / f"s{seed}.json", frames=FRAMES, seed=seed
-        )
-        out.append((v.video, json.loads(v.truth.read_text())))
-    return out
+    return write_scenes(tmp_path_factory.mktemp("targets"), SEEDS, FRAMES)
 
 
 def test_unit_rotation_error_removes_the_mean_angle() -> None:

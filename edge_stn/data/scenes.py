@@ -48,6 +48,8 @@ class SceneObject:
     shear: float = 0.0
     aspect: float = 1.0
     ink: float = 255.0
+    object_id: int | None = None
+    """the same object in every frame it appears in (moving scenes: ground truth for tracking)"""
 
 
 @dataclass

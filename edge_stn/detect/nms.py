@@ -34,6 +34,33 @@ def box_iou(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+def greedy_pairs(iou: npt.ArrayLike, threshold: float) -> list[tuple[int, int]]:
+    """One-to-one ``(row, column)`` pairs of an overlap matrix with overlap >= ``threshold``,
+    best pairs first (greedy; NaN never pairs). Detections to truth (scoring), tracks to
+    detections (the tracker)."""
+    m = np.array(iou, dtype=np.float64)
+    if m.ndim != 2:
+        raise ShapeError("iou", m.shape, "(N, M)")
+    pairs: list[tuple[int, int]] = []
+    if 0 in m.shape:
+        return pairs
+    m[np.isnan(m)] = -1.0
+    rows: set[int] = set()
+    cols: set[int] = set()
+    for flat in np.argsort(-m, axis=None, kind="stable"):
+        i, j = (int(k) for k in np.unravel_index(flat, m.shape))
+        if m[i, j] < threshold:
+            break  # sorted: every later pair is below too
+        if i in rows or j in cols:
+            continue
+        pairs.append((i, j))
+        rows.add(i)
+        cols.add(j)
+        if len(pairs) == min(m.shape):
+            break
+    return pairs
+
+
 def nms(
     boxes: npt.ArrayLike, scores: npt.ArrayLike, iou_threshold: float, max_keep: int | None = None
 ) -> npt.NDArray[np.int64]:

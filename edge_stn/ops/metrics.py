@@ -167,7 +167,7 @@ class _Collector:
             "to MQTT; acked; refused by the broker; dropped before MQTT)",
             labels=["kind", "outcome"],
         )
-        for kind in ("results", "crops", "status", "stats"):
+        for kind in ("results", "crops", "tracks", "status", "stats"):
             for outcome, n in sorted((m.get(kind) or {}).items()):
                 msgs.add_metric([kind, outcome], float(n))
         yield msgs

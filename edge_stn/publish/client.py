@@ -81,15 +81,16 @@ from edge_stn.publish.payloads import (
     result_document,
     status_offline,
     status_online,
+    track_document,
 )
 from edge_stn.publish.stats import LatencyWindow
 from edge_stn.publish.topics import TopicTree
-from edge_stn.records import CropRef, Detection, FrameResult
+from edge_stn.records import ChosenCrop, CropRef, Detection, FrameResult
 
 logger = logging.getLogger(__name__)
 
-MessageKind = Literal["result", "crop", "status", "stats", "reply"]
-MESSAGE_KINDS: tuple[MessageKind, ...] = ("result", "crop", "status", "stats", "reply")
+MessageKind = Literal["result", "crop", "track", "status", "stats", "reply"]
+MESSAGE_KINDS: tuple[MessageKind, ...] = ("result", "crop", "track", "status", "stats", "reply")
 MAX_REPLIES_WAITING = 32
 """Command replies waiting for the sender; more are dropped (counted)."""
 
@@ -213,6 +214,8 @@ class PublisherCounters:
     status: DeliveryCounts
     stats: DeliveryCounts
     outbox: dict[str, Any]
+    tracks: DeliveryCounts = field(default_factory=DeliveryCounts)
+    """track announcements (crops.policy best_per_track)"""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -818,6 +821,7 @@ class MqttPublisher:
                 for c in stored
             ]
             stored_payload, stored = None, []
+        track_ids = [d.track_id for d in dets if d.track_id is not None]
         new = NewResult(
             camera=cam,
             seq=seq,
@@ -828,14 +832,9 @@ class MqttPublisher:
             crops=tuple(stored),
             shed_crops=shed,
             refusals=tuple(refusals),
+            next_track_id=max(track_ids) + 1 if track_ids else None,
         )
-        with self._wake:
-            self._waiting.append(_Waiting(new, flush))
-            self._waiting_bytes += new.size
-            now = time.monotonic()
-            due = now if flush else now + self.limits.commit_group_s
-            self._flush_due = due if self._flush_due is None else min(self._flush_due, due)
-            self._wake.notify_all()
+        self._enqueue(new, flush)
         return PublishedResult(
             id=rid,
             epoch=self.info.epoch,
@@ -847,6 +846,73 @@ class MqttPublisher:
             crop_topics=tuple(c.topic for c in stored),
             payload=payload,
         )
+
+    def _enqueue(self, new: NewResult, flush: bool) -> None:
+        """Hand a result (or track announcement) to the sender, to commit now (``flush``) or
+        within ``commit_group_s``."""
+        with self._wake:
+            self._waiting.append(_Waiting(new, flush))
+            self._waiting_bytes += new.size
+            now = time.monotonic()
+            due = now if flush else now + self.limits.commit_group_s
+            self._flush_due = due if self._flush_due is None else min(self._flush_due, due)
+            self._wake.notify_all()
+
+    def publish_track(self, chosen: ChosenCrop, *, timeout: float | None = None) -> bool:
+        """Hand a track announcement (QoS 1, ``cam/<camera>/track``) and the crop chosen for
+        the track (QoS 1, on the crop topic of the result it belongs to) to the outbox, as one
+        unit: the crop is stored under the announcement, which says ``crop_status: shed`` if
+        the crop has to go. False (counted as dropped) when the hand-over stayed full."""
+        timeout = self.limits.publish_timeout_s if timeout is None else timeout
+        if self._stopped or self._stopping or not self._reserve(timeout):
+            with self._lock:
+                self._counts["track"].dropped += 1
+            return False
+        try:
+            cam = chosen.camera_id
+            topic = self.topics.track(cam)
+            crop_topic = self.topics.crop(cam, chosen.result_id, chosen.index)
+            user = (
+                ("result_id", chosen.result_id),
+                ("label", chosen.label),
+                ("score", f"{chosen.score:.4f}"),
+                ("track_id", str(chosen.track_id)),
+            )
+            crops: tuple[NewCrop, ...] = ()
+            crop_ref: CropRef | None = None
+            status = "policy"  # too large for the crop limit: no crop for this track
+            if chosen.jpeg is not None:
+                problem = self._payload_limit(crop_topic, len(chosen.jpeg), self._crop_props(user))
+                if problem is None:
+                    crop_ref = CropRef(crop_topic, chosen.width, chosen.height)
+                    crops = (NewCrop(crop_topic, chosen.jpeg, user if self._v5 else ()),)
+                    status = "sent"
+                else:
+                    logger.warning("MQTT: track %d crop not sent: %s", chosen.track_id, problem)
+            doc = track_document(
+                chosen,
+                device=self.info.device,
+                epoch=self.info.epoch,
+                ts=self._clock(),
+                crop=crop_ref,
+                crop_status=status,
+            )
+            payload = encode(doc)
+            new = NewResult(
+                camera=cam,
+                seq=0,
+                result_id=chosen.result_id,
+                topic=topic,
+                payload=payload,
+                created=self._clock(),
+                crops=crops,
+                kind="track",
+            )
+            self._enqueue(new, True)
+            return True
+        finally:
+            with self._wake:
+                self._reserved -= 1
 
     def publish_stats(self, doc: dict[str, Any]) -> bool:
         """Queue a stats document (QoS 0, not retained) for the sender; False (counted as
@@ -1033,7 +1099,7 @@ class MqttPublisher:
 
     def _account(self, report: WriteReport) -> None:
         """(lock held) the session's counters from a write."""
-        for kind in ("result", "crop"):
+        for kind in ("result", "crop", "track"):
             c = self._counts[kind]
             c.queued += report.committed[kind]
             c.shed += report.shed[kind]
@@ -1061,9 +1127,9 @@ class MqttPublisher:
                 return
             for msg in rows:
                 props = (
-                    self._json_props()
-                    if msg.kind == "result"
-                    else self._crop_props(msg.user_properties)
+                    self._crop_props(msg.user_properties)
+                    if msg.kind == "crop"
+                    else self._json_props()
                 )
                 problem = self._payload_limit(msg.topic, len(msg.payload), props)
                 if problem is not None:
@@ -1451,6 +1517,7 @@ class MqttPublisher:
                 status=replace(self._counts["status"]),
                 stats=replace(self._counts["stats"]),
                 outbox=outbox,
+                tracks=replace(self._counts["track"]),
             )
 
     def next_seq(self, camera: str) -> int:

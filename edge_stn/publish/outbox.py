@@ -3,11 +3,12 @@
 One SQLite database in WAL mode per daemon, held with an exclusive file lock (``<path>.lock``)
 so that two daemons cannot share it. It keeps:
 
-* ``message``: the results and crops not yet acknowledged by the broker, in the order they were
-  produced (``row`` grows and is never reused). A row is deleted only when the broker's PUBACK
+* ``message``: the results, crops and track announcements (``crops.policy: best_per_track``,
+  each with its chosen crop under it) not yet acknowledged by the broker, in the order they
+  were produced (``row`` grows and is never reused). A row is deleted only when the broker's PUBACK
   carries a reason code below 0x80.
 * ``seq``: the next ``seq`` per camera, and ``meta``: the ``epoch`` (chosen when the file is
-  created). So ``seq`` continues across restarts, and a new or moved-aside outbox starts a new
+  created) and each camera's next track id. So ``seq`` and track ids continue across restarts, and a new or moved-aside outbox starts a new
   epoch, which tells consumers not to look for gaps across it (DESIGN §6).
 * ``counter``: totals since the outbox was created (committed, acknowledged, shed, dead-lettered,
   per kind): the commit log that says how many results were produced.
@@ -62,10 +63,12 @@ APPLICATION_ID = 0x45535442
 SCHEMA_VERSION = 1
 PAGE_SIZE = 4096
 
-Kind = Literal["result", "crop"]
-KINDS: tuple[Kind, ...] = ("result", "crop")
-_KIND_CODE: dict[Kind, int] = {"result": 0, "crop": 1}
-_CODE_KIND: dict[int, Kind] = {0: "result", 1: "crop"}
+Kind = Literal["result", "crop", "track"]
+KINDS: tuple[Kind, ...] = ("result", "crop", "track")
+_KIND_CODE: dict[Kind, int] = {"result": 0, "crop": 1, "track": 2}
+_CODE_KIND: dict[int, Kind] = {0: "result", 1: "crop", 2: "track"}
+TRACK_META = "next_track_id:"
+"""``meta`` key prefix of a camera's next track id (the tracker continues from it)."""
 
 CODE_PACKET_TOO_LARGE = 0x95
 """MQTT v5 "Packet too large": used for messages over the configured limit or the broker's
@@ -116,7 +119,11 @@ class Refusal:
 class NewResult:
     """One result with its crops, as the publisher hands it to the outbox. ``seq`` is the
     result's ``seq``; ``shed_crops`` counts crops shed before they were stored, ``refusals``
-    the messages (the result itself or crops) refused before they were stored."""
+    the messages (the result itself or crops) refused before they were stored.
+
+    ``kind`` ``track``: a track announcement (``seq`` unused, no ``seq`` counted) with the crop
+    chosen for the track; ``next_track_id``: the camera's next unused track id, recorded so a
+    restart within the epoch never reuses one."""
 
     camera: str
     seq: int
@@ -127,6 +134,8 @@ class NewResult:
     crops: tuple[NewCrop, ...] = ()
     shed_crops: int = 0
     refusals: tuple[Refusal, ...] = ()
+    kind: Kind = "result"
+    next_track_id: int | None = None
 
     @property
     def size(self) -> int:
@@ -586,9 +595,18 @@ class Outbox:
         """The next ``seq`` per camera (cameras never seen start at 0)."""
         return dict(self._next_seq)
 
+    def next_track_ids(self) -> dict[str, int]:
+        """The next unused track id per camera, as recorded with the results (0 if none)."""
+        return {
+            key[len(TRACK_META) :]: int(value)
+            for key, value in self._conn.execute(
+                "SELECT key, value FROM meta WHERE key LIKE ?", (TRACK_META + "%",)
+            )
+        }
+
     @property
     def rows(self) -> int:
-        return self._rows["result"] + self._rows["crop"]
+        return sum(self._rows.values())
 
     @property
     def live_bytes(self) -> int:
@@ -833,22 +851,39 @@ class Outbox:
                 )
             )
         report.shed["crop"] += res.shed_crops
-        self._conn.execute(
-            "INSERT INTO seq(camera, next) VALUES (?, ?) "
-            "ON CONFLICT(camera) DO UPDATE SET next = max(next, excluded.next)",
-            (res.camera, res.seq + 1),
-        )
-        self._next_seq[res.camera] = max(self._next_seq.get(res.camera, 0), res.seq + 1)
-        report.committed["result"] += 1  # produced, even if refused at once
+        if res.next_track_id is not None:
+            self._conn.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                "value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                (TRACK_META + res.camera, str(res.next_track_id)),
+            )
+        seq: int | None = None
+        if res.kind == "result":
+            seq = res.seq
+            self._conn.execute(
+                "INSERT INTO seq(camera, next) VALUES (?, ?) "
+                "ON CONFLICT(camera) DO UPDATE SET next = max(next, excluded.next)",
+                (res.camera, res.seq + 1),
+            )
+            self._next_seq[res.camera] = max(self._next_seq.get(res.camera, 0), res.seq + 1)
+        report.committed[res.kind] += 1  # produced, even if refused at once
         if res.payload is None:  # the result itself was refused (too large)
             return
         cur = self._conn.execute(
             "INSERT INTO message(kind, camera, seq, result_id, parent, topic, props, created, "
-            "payload) VALUES (0, ?, ?, ?, NULL, ?, NULL, ?, ?) RETURNING row",
-            (res.camera, res.seq, res.result_id, res.topic, res.created, res.payload),
+            "payload) VALUES (?, ?, ?, ?, NULL, ?, NULL, ?, ?) RETURNING row",
+            (
+                _KIND_CODE[res.kind],
+                res.camera,
+                seq,
+                res.result_id,
+                res.topic,
+                res.created,
+                res.payload,
+            ),
         )
         parent = int(cur.fetchone()[0])
-        self._rows["result"] += 1
+        self._rows[res.kind] += 1
         self._payload_bytes += len(res.payload)
         for crop in res.crops:
             props = json.dumps(crop.user_properties) if crop.user_properties else None
@@ -878,7 +913,8 @@ class Outbox:
             if found is None:
                 continue
             doc = json.loads(bytes(found[0]))
-            for det in doc.get("detections", []):
+            # a result's detections, or a track announcement (its crop at the top level)
+            for det in [*doc.get("detections", []), doc]:
                 crop = det.get("crop")
                 if isinstance(crop, dict) and crop.get("topic") in topics:
                     det["crop"] = None
@@ -929,7 +965,7 @@ class Outbox:
             rows = [
                 int(r[0])
                 for r in self._conn.execute(
-                    "SELECT row FROM message WHERE kind = 0 AND row >= ? AND created < ? "
+                    "SELECT row FROM message WHERE kind != 1 AND row >= ? AND created < ? "
                     "ORDER BY row LIMIT 256",
                     (first, cutoff),
                 )
@@ -958,7 +994,7 @@ class Outbox:
                 for row, size in self._conn.execute(
                     "SELECT r.row, length(r.payload) + coalesce((SELECT sum(length(c.payload)) "
                     "FROM message c WHERE c.parent = r.row), 0) FROM message r "
-                    "WHERE r.kind = 0 AND r.row >= ? ORDER BY r.row LIMIT 64",
+                    "WHERE r.kind != 1 AND r.row >= ? ORDER BY r.row LIMIT 64",
                     (first,),
                 )
             ]
@@ -997,9 +1033,10 @@ class Outbox:
             changes[f"{kind}s_acked"] = report.acked[kind]
             changes[f"{kind}s_shed"] = report.shed[kind]
             changes[f"{kind}s_dead"] = sum(1 for d in report.dead if d.kind == kind)
-        self._conn.executemany(
-            "UPDATE counter SET value = value + ? WHERE name = ?",
-            [(v, k) for k, v in changes.items() if v],
+        self._conn.executemany(  # an outbox made before a kind existed lacks its rows
+            "INSERT INTO counter(name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            [(k, v) for k, v in changes.items() if v],
         )
 
     # ------------------------------------------------------------ closing

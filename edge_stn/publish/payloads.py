@@ -25,14 +25,20 @@ from importlib import resources
 from typing import Any, Literal
 
 from edge_stn.errors import PayloadError
-from edge_stn.records import Detection, FrameResult
+from edge_stn.records import ChosenCrop, CropRef, Detection, FrameResult
 
 SCHEMA_VERSION = 1
-"""Version of the status, result and stats documents; bumped when a field changes meaning or
+"""Version of the status and stats documents; bumped when a field changes meaning or
 disappears (consumers should ignore fields they do not know)."""
+RESULT_SCHEMA_VERSION = 2
+"""Version of the result document. 2: ``track_id`` is filled (tracking), and ``crop_status``
+``policy`` also means that a crop policy (``best_per_track``) sends the track's crop later,
+announced on ``cam/<camera>/track``. Version 1 had ``track_id`` always null."""
+TRACK_SCHEMA_VERSION = 1
+"""Version of the track announcement (new with result version 2)."""
 
-PayloadKind = Literal["status", "result", "stats", "reply"]
-PAYLOAD_KINDS: tuple[PayloadKind, ...] = ("status", "result", "stats", "reply")
+PayloadKind = Literal["status", "result", "stats", "track", "reply"]
+PAYLOAD_KINDS: tuple[PayloadKind, ...] = ("status", "result", "stats", "track", "reply")
 
 OfflineReason = Literal["stop", "lost"]
 
@@ -181,7 +187,7 @@ def result_document(
             f"{len(dets)} detections given for a result with {len(result.detections)}"
         )
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": RESULT_SCHEMA_VERSION,
         "id": result_id,
         "device": device,
         "camera": result.camera_id,
@@ -195,6 +201,45 @@ def result_document(
         "height": result.height,
         "model": model.to_dict(),
         "detections": [detection_document(d, f"detections[{i}]") for i, d in enumerate(dets)],
+    }
+
+
+# ---------------------------------------------------------------- track
+
+
+def track_document(
+    chosen: ChosenCrop,
+    *,
+    device: str,
+    epoch: str,
+    ts: float,
+    crop: CropRef | None,
+    crop_status: str,
+) -> dict[str, Any]:
+    """The announcement of a track's chosen crop (crops.policy ``best_per_track``):
+    ``result_id`` and ``n`` name the result and detection the crop belongs to."""
+    return {
+        "schema_version": TRACK_SCHEMA_VERSION,
+        "device": device,
+        "camera": chosen.camera_id,
+        "epoch": epoch,
+        "track_id": chosen.track_id,
+        "ts": _num("ts", ts, TS_DIGITS),
+        "reason": chosen.reason,
+        "result_id": chosen.result_id,
+        "n": chosen.index,
+        "frame_index": chosen.frame_index,
+        "label": chosen.label,
+        "score": _num("score", chosen.score, SCORE_DIGITS),
+        "box": _nums("box", chosen.box.tolist(), PIXEL_DIGITS),
+        "crop": crop.to_dict() if crop is not None else None,
+        "crop_status": crop_status,
+        "first_frame_index": chosen.first_frame,
+        "last_frame_index": chosen.last_frame,
+        "first_ts": _num("first_ts", chosen.first_ts, TS_DIGITS),
+        "last_ts": _num("last_ts", chosen.last_ts, TS_DIGITS),
+        "hits": chosen.hits,
+        "labels": {k: int(v) for k, v in sorted(chosen.labels.items())},
     }
 
 
@@ -248,6 +293,8 @@ def stats_document(
     drops: Mapping[str, int] | None = None,
     process: Mapping[str, Any] | None = None,
     health: Mapping[str, Any] | None = None,
+    tracking: Mapping[str, Any] | None = None,
+    hard_examples: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The periodic health document.
 
@@ -282,6 +329,10 @@ def stats_document(
         "mqtt": dict(mqtt),
         "process": _flat_numbers("process", process or {}),
     }
+    if tracking is not None:
+        doc["tracking"] = _flat_numbers("tracking", tracking)
+    if hard_examples is not None:
+        doc["hard_examples"] = _flat_numbers("hard_examples", hard_examples)
     if health is not None:
         doc["health"] = {
             "healthy": bool(health["healthy"]),

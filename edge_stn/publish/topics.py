@@ -6,6 +6,7 @@
     <prefix>/<device>/stats                               QoS 0: periodic health
     <prefix>/<device>/cam/<camera>/result                 QoS 1: one JSON per processed frame
     <prefix>/<device>/cam/<camera>/crop/<result-id>/<n>   QoS 1: JPEG of detection n
+    <prefix>/<device>/cam/<camera>/track                  QoS 1: a track's chosen crop
     <prefix>/<device>/cmd/<name>                          QoS 1: commands in
     <prefix>/<device>/cmd/<name>/reply                    QoS 1: their replies
 
@@ -28,11 +29,12 @@ CAM = "cam"
 CMD = "cmd"
 RESULT = "result"
 CROP = "crop"
+TRACK = "track"
 REPLY = "reply"
 
 RESULT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-TopicKind = Literal["status", "stats", "result", "crop", "cmd", "reply"]
+TopicKind = Literal["status", "stats", "result", "crop", "track", "cmd", "reply"]
 
 
 def check_result_id(value: str) -> str:
@@ -80,6 +82,10 @@ class TopicTree:
             raise ValueError(f"crop index must be an integer >= 0, got {n!r}")
         return f"{self.base}/{CAM}/{check_id(camera)}/{CROP}/{check_result_id(result_id)}/{n}"
 
+    def track(self, camera: str) -> str:
+        """Track announcements of a camera (crops.policy ``best_per_track``)."""
+        return f"{self.base}/{CAM}/{check_id(camera)}/{TRACK}"
+
     def cmd(self, name: str) -> str:
         return f"{self.base}/{CMD}/{check_id(name)}"
 
@@ -108,6 +114,8 @@ def subscription(
         return f"{base}/{CAM}/{cam}/{RESULT}"
     if kind == CROP:
         return f"{base}/{CAM}/{cam}/{CROP}/#"
+    if kind == TRACK:
+        return f"{base}/{CAM}/{cam}/{TRACK}"
     if kind == CMD:
         return f"{base}/{CMD}/+"
     if kind == REPLY:
@@ -142,6 +150,8 @@ def parse_topic(prefix: str, topic: str) -> ParsedTopic | None:
         camera = rest[1]
         if rest[2:] == [RESULT]:
             return ParsedTopic(kind="result", device=device, camera=camera)
+        if rest[2:] == [TRACK]:
+            return ParsedTopic(kind="track", device=device, camera=camera)
         if len(rest) == 5 and rest[2] == CROP and rest[4].isdigit():
             return ParsedTopic(
                 kind="crop", device=device, camera=camera, result_id=rest[3], index=int(rest[4])

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,10 @@ def noise_field(height: int, width: int) -> npt.NDArray[np.float32]:
     return field
 
 
+OBJECTS_PER_SEGMENT = 1000
+"""Object ids are ``segment * 1000 + path``: unique in a video, stable across its frames."""
+
+
 class MovingDigits:
     """Frames of moving digits, each a pure function of ``(seed, frame index)``."""
 
@@ -380,10 +384,11 @@ class MovingDigits:
         ink = backdrop.clutter.copy()
         scene = Scene(np.zeros((self.height, self.width), np.uint8))
         scene.clutter_boxes.extend(backdrop.clutter_boxes)
-        for p in self.placements(index):
+        for j, p in enumerate(self.placements(index)):
             obj = self.renderer.draw_digit(ink, p)
             if obj is not None:
-                scene.objects.append(obj)
+                # path j of its segment: the same digit from frame to frame
+                scene.objects.append(replace(obj, object_id=segment * OBJECTS_PER_SEGMENT + j))
         img = ink
         img += backdrop.ramp  # background + ink, every row on the ramp
         if seg.blur > 0:
@@ -407,8 +412,10 @@ class MovingDigits:
 
 
 def truth_dict(obj: SceneObject) -> dict[str, Any]:
-    """One object of a ground-truth file (labels are strings, as in result payloads)."""
+    """One object of a ground-truth file (labels are strings, as in result payloads);
+    ``object_id`` names the same moving digit across frames (tracking truth)."""
     return {
+        "object_id": obj.object_id,
         "label": str(obj.label),
         "class_id": int(obj.label),
         "box": [float(v) for v in obj.box],
