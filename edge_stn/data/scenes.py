@@ -117,17 +117,14 @@ def _ink_box(
     return (float(x + ox), float(y + oy), float(x + w + ox), float(y + h + oy))
 
 
-def _warp_max(
-    canvas: npt.NDArray[np.float32],
-    src: npt.NDArray[np.uint8],
-    m: npt.NDArray[np.float64],
-    gain: float = 1.0,
-) -> tuple[float, float, float, float] | None:
-    """Warp ``src`` by ``m`` into ``canvas`` (pixel-wise maximum, ``src`` scaled by ``gain``),
-    touching only its footprint; returns the tight ink box of the drawn shape (``src`` above
-    ``INK_THRESHOLD`` before the gain), in canvas pixels."""
-    h, w = canvas.shape
-    sh, sw = src.shape
+def warp_footprint(
+    m: npt.NDArray[np.float64], src_shape: tuple[int, ...], canvas_shape: tuple[int, ...]
+) -> tuple[int, int, int, int] | None:
+    """The part ``(x0, y0, x1, y1)`` of a canvas that warping a ``src_shape`` image by ``m``
+    can touch (its corners' bounding box, a pixel wider for the interpolation), or None when it
+    misses the canvas."""
+    h, w = canvas_shape[:2]
+    sh, sw = src_shape[:2]
     corners = np.array(
         [[-0.5, -0.5, 1], [sw - 0.5, -0.5, 1], [sw - 0.5, sh - 0.5, 1], [-0.5, sh - 0.5, 1]]
     )
@@ -138,6 +135,22 @@ def _warp_max(
     y1 = min(h, int(np.ceil(pts[:, 1].max())) + 2)
     if x1 <= x0 or y1 <= y0:
         return None
+    return x0, y0, x1, y1
+
+
+def _warp_max(
+    canvas: npt.NDArray[np.float32],
+    src: npt.NDArray[np.uint8],
+    m: npt.NDArray[np.float64],
+    gain: float = 1.0,
+) -> tuple[float, float, float, float] | None:
+    """Warp ``src`` by ``m`` into ``canvas`` (pixel-wise maximum, ``src`` scaled by ``gain``),
+    touching only its footprint; returns the tight ink box of the drawn shape (``src`` above
+    ``INK_THRESHOLD`` before the gain), in canvas pixels."""
+    footprint = warp_footprint(m, src.shape, canvas.shape)
+    if footprint is None:
+        return None
+    x0, y0, x1, y1 = footprint
     mm = m.copy()
     mm[0, 2] -= x0
     mm[1, 2] -= y0
@@ -192,6 +205,13 @@ class SceneRenderer:
             p.aspect,
             p.ink,
         )
+
+    def digit_footprint(
+        self, p: DigitPlacement, shape: tuple[int, ...]
+    ) -> tuple[int, int, int, int] | None:
+        """The part ``(x0, y0, x1, y1)`` of a frame of ``shape`` that :meth:`draw_digit` may
+        change for ``p`` (None: none)."""
+        return warp_footprint(digit_matrix(p), self.pool.images[p.index].shape, shape)
 
     def draw_clutter(
         self,

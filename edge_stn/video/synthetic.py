@@ -217,6 +217,15 @@ class _Backdrop:
     clutter: npt.NDArray[np.float32]
     """``(height, width)`` ink layer of the clutter strokes (read-only)."""
     clutter_boxes: tuple[tuple[float, float, float, float], ...]
+    blurred: npt.NDArray[np.float32] | None = None
+    """Ramp plus clutter, blurred by the segment's blur (None without blur; read-only): a
+    frame's picture away from its digits."""
+
+
+def blur_reach(sigma: float) -> int:
+    """How far (pixels) a Gaussian blur of ``sigma`` reaches: the radius of OpenCV's float
+    kernel (``round(8 sigma + 1) | 1`` taps), plus one for safety."""
+    return (round(8.0 * sigma + 1.0) | 1) // 2 + 1
 
 
 NOISE_MARGIN = 64
@@ -364,7 +373,14 @@ class MovingDigits:
             if box is not None:
                 boxes.append(box)
         clutter.setflags(write=False)
-        backdrop = _Backdrop(segment, ramp, clutter, tuple(boxes))
+        blur = self._segment(segment).blur
+        blurred = None
+        if blur > 0:
+            blurred = np.asarray(
+                cv2.GaussianBlur(clutter + ramp, (0, 0), sigmaX=blur, sigmaY=blur), np.float32
+            )
+            blurred.setflags(write=False)
+        backdrop = _Backdrop(segment, ramp, clutter, tuple(boxes), blurred)
         self._backdrop_cache = backdrop
         return backdrop
 
@@ -384,27 +400,67 @@ class MovingDigits:
         ink = backdrop.clutter.copy()
         scene = Scene(np.zeros((self.height, self.width), np.uint8))
         scene.clutter_boxes.extend(backdrop.clutter_boxes)
+        drawn = []
         for j, p in enumerate(self.placements(index)):
             obj = self.renderer.draw_digit(ink, p)
             if obj is not None:
                 # path j of its segment: the same digit from frame to frame
                 scene.objects.append(replace(obj, object_id=segment * OBJECTS_PER_SEGMENT + j))
-        img = ink
-        img += backdrop.ramp  # background + ink, every row on the ramp
-        if seg.blur > 0:
-            img = np.asarray(
-                cv2.GaussianBlur(img, (0, 0), sigmaX=seg.blur, sigmaY=seg.blur), np.float32
-            )
+            footprint = self.renderer.digit_footprint(p, ink.shape)
+            if footprint is not None:
+                drawn.append(footprint)
+        if backdrop.blurred is not None:
+            img = self._blur_digits(backdrop, ink, drawn, seg.blur)
+        else:
+            img = ink
+            img += backdrop.ramp  # background + ink, every row on the ramp
         if seg.noise > 0:
             dy, dx = self._rng(_NOISE, index).integers(0, NOISE_MARGIN + 1, size=2)
             window = noise_field(self.height, self.width)[
                 dy : dy + self.height, dx : dx + self.width
             ]
-            img = np.asarray(cv2.scaleAdd(window, seg.noise, img), np.float32)
-        np.clip(img, 0, 255, out=img)
-        # Non-negative now: convertScaleAbs only rounds to nearest (as np.rint) into uint8.
-        scene.image = np.asarray(cv2.convertScaleAbs(img), np.uint8)
+            # picture + noise, rounded to nearest and saturated into uint8, in one pass
+            out = cv2.addWeighted(window, seg.noise, img, 1.0, 0.0, dtype=cv2.CV_8U)
+        else:
+            np.clip(img, 0, 255, out=img)
+            # Non-negative now: convertScaleAbs only rounds to nearest (as np.rint) into uint8.
+            out = cv2.convertScaleAbs(img)
+        scene.image = np.asarray(out, np.uint8)
         return scene
+
+    def _blur_digits(
+        self,
+        backdrop: _Backdrop,
+        ink: npt.NDArray[np.float32],
+        drawn: list[tuple[int, int, int, int]],
+        sigma: float,
+    ) -> npt.NDArray[np.float32]:
+        """``blur(ramp + ink)`` of the whole frame, computed only where the digits are: the
+        segment's blurred backdrop, and around each digit's footprint the blur of a patch wide
+        enough that its borders do not reach the part kept (the same pixels as blurring the
+        whole frame, a fraction of the work)."""
+        assert backdrop.blurred is not None
+        img = backdrop.blurred.copy()
+        reach = blur_reach(sigma)
+        h, w = img.shape
+        for x0, y0, x1, y1 in drawn:
+            # the pixels the digit can change (the kept part), and what their blur reads
+            kx0, ky0, kx1, ky1 = (
+                max(0, x0 - reach),
+                max(0, y0 - reach),
+                min(w, x1 + reach),
+                min(h, y1 + reach),
+            )
+            sx0, sy0, sx1, sy1 = (
+                max(0, kx0 - reach),
+                max(0, ky0 - reach),
+                min(w, kx1 + reach),
+                min(h, ky1 + reach),
+            )
+            patch = ink[sy0:sy1, sx0:sx1] + backdrop.ramp[sx0:sx1]
+            blurred = cv2.GaussianBlur(patch, (0, 0), sigmaX=sigma, sigmaY=sigma)
+            img[ky0:ky1, kx0:kx1] = blurred[ky0 - sy0 : ky1 - sy0, kx0 - sx0 : kx1 - sx0]
+        return img
 
     def frame_bgr(self, index: int) -> tuple[npt.NDArray[np.uint8], list[SceneObject]]:
         scene = self.scene(index)
