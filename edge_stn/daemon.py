@@ -289,6 +289,7 @@ class Daemon:
         on_published: Callable[[PublishedResult], None] | None = None,
         stop_event: threading.Event | None = None,
         reload_event: threading.Event | None = None,
+        main_wakeup: threading.Event | None = None,
         notifier: Notifier | None = None,
     ) -> None:
         self.config = config
@@ -296,6 +297,9 @@ class Daemon:
         self.stop_event = stop_event if stop_event is not None else threading.Event()
         self._wakeup = threading.Event()
         self._reload_requested = reload_event if reload_event is not None else threading.Event()
+        # Wakes the main loop at once for a stop, a reload or a command's call (it otherwise
+        # looks once a second); whoever sets stop_event or reload_event from outside sets it too.
+        self._main_wakeup = main_wakeup if main_wakeup is not None else threading.Event()
         self._on_published = on_published
         check_cameras(config.cameras)
         notifier = notifier if notifier is not None else Notifier()
@@ -413,9 +417,11 @@ class Daemon:
         for stop in list(self._reader_stops.values()):
             stop.set()
         self._wakeup.set()
+        self._main_wakeup.set()
 
     def request_reload(self) -> None:
         self._reload_requested.set()
+        self._main_wakeup.set()
 
     @property
     def finished(self) -> bool:
@@ -475,7 +481,8 @@ class Daemon:
             deadline = None if duration_s is None else time.monotonic() + duration_s
             next_stats = time.monotonic() + self._stats_interval_s
             while not self.stop_event.is_set() and not self.finished:
-                self.stop_event.wait(min(1.0, self._stats_interval_s))
+                self._main_wakeup.wait(min(1.0, self._stats_interval_s))
+                self._main_wakeup.clear()  # what woke it is handled below, in this pass
                 for reader in self.readers:
                     reader.watchdog()
                 self.supervisor.tick()
@@ -674,7 +681,7 @@ class Daemon:
         result or raise its exception; :class:`CommandFailed` if it does not run in time."""
         future: Future[Any] = Future()
         self._calls.put((call, future))
-        self._wakeup.set()
+        self._main_wakeup.set()
         try:
             return future.result(MAIN_THREAD_TIMEOUT_S)
         except FutureTimeout:
@@ -1002,11 +1009,22 @@ def run_daemon(config_path: str | Path) -> int:
     """
     cfg = load_config(config_path)
     configure_logging(cfg.log_format, config_secrets(cfg))
-    stop, reload = threading.Event(), threading.Event()
-    previous = handle_signals(stop.set, reload.set)
+    stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
+
+    def on_stop() -> None:
+        stop.set()
+        wake.set()
+
+    def on_reload() -> None:
+        reload.set()
+        wake.set()
+
+    previous = handle_signals(on_stop, on_reload)
     try:
         try:
-            daemon = Daemon(cfg, config_path=config_path, stop_event=stop, reload_event=reload)
+            daemon = Daemon(
+                cfg, config_path=config_path, stop_event=stop, reload_event=reload, main_wakeup=wake
+            )
         except StartupInterrupted as exc:
             logger.info("%s", exc)
             code = 0
