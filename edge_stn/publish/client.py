@@ -726,6 +726,11 @@ class MqttPublisher:
                 return f"packet of {packet} bytes over the broker's Maximum Packet Size ({limit})"
         return None
 
+    def _crop_limit(self, topic: str, size: int, user: Sequence[tuple[str, str]]) -> str | None:
+        """:meth:`_payload_limit` for a crop with these user properties (built only when the
+        broker limits packets)."""
+        return self._payload_limit(topic, size, functools.partial(self._crop_props, user))
+
     def _hand_over(
         self, result: FrameResult, crops: Sequence[JpegCrop | None] | None, flush: bool
     ) -> PublishedResult:
@@ -748,9 +753,7 @@ class MqttPublisher:
             topic = self.topics.crop(cam, rid, n)
             det = dets[n]
             user = (("result_id", rid), ("label", det.label), ("score", f"{det.score:.4f}"))
-            problem = self._payload_limit(
-                topic, len(crop.data), functools.partial(self._crop_props, user)
-            )
+            problem = self._crop_limit(topic, len(crop.data), user)
             if problem is not None:
                 dets[n] = det.with_crop(None, "policy")
                 refusals.append(
@@ -882,7 +885,7 @@ class MqttPublisher:
             crop_ref: CropRef | None = None
             status = "policy"  # too large for the crop limit: no crop for this track
             if chosen.jpeg is not None:
-                problem = self._payload_limit(crop_topic, len(chosen.jpeg), self._crop_props(user))
+                problem = self._crop_limit(crop_topic, len(chosen.jpeg), user)
                 if problem is None:
                     crop_ref = CropRef(crop_topic, chosen.width, chosen.height)
                     crops = (NewCrop(crop_topic, chosen.jpeg, user if self._v5 else ()),)
