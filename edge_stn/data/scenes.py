@@ -143,13 +143,16 @@ def _warp_max(
     src: npt.NDArray[np.uint8],
     m: npt.NDArray[np.float64],
     gain: float = 1.0,
+    touched: list[tuple[int, int, int, int]] | None = None,
 ) -> tuple[float, float, float, float] | None:
     """Warp ``src`` by ``m`` into ``canvas`` (pixel-wise maximum, ``src`` scaled by ``gain``),
-    touching only its footprint; returns the tight ink box of the drawn shape (``src`` above
-    ``INK_THRESHOLD`` before the gain), in canvas pixels."""
+    touching only its footprint (appended to ``touched`` when given); returns the tight ink box
+    of the drawn shape (``src`` above ``INK_THRESHOLD`` before the gain), in canvas pixels."""
     footprint = warp_footprint(m, src.shape, canvas.shape)
     if footprint is None:
         return None
+    if touched is not None:
+        touched.append(footprint)
     x0, y0, x1, y1 = footprint
     mm = m.copy()
     mm[0, 2] -= x0
@@ -189,9 +192,15 @@ class SceneRenderer:
         a, b = rng.uniform(lo, hi, size=2)
         return np.linspace(a, b, width, dtype=np.float32)[None, :].repeat(height, 0)
 
-    def draw_digit(self, ink: npt.NDArray[np.float32], p: DigitPlacement) -> SceneObject | None:
-        """Draw placement ``p`` into the ink layer; its truth, or None if it fell outside."""
-        box = _warp_max(ink, self.pool.images[p.index], digit_matrix(p), p.ink / 255.0)
+    def draw_digit(
+        self,
+        ink: npt.NDArray[np.float32],
+        p: DigitPlacement,
+        touched: list[tuple[int, int, int, int]] | None = None,
+    ) -> SceneObject | None:
+        """Draw placement ``p`` into the ink layer; its truth, or None if it fell outside.
+        The part ``(x0, y0, x1, y1)`` of the layer it changed is appended to ``touched``."""
+        box = _warp_max(ink, self.pool.images[p.index], digit_matrix(p), p.ink / 255.0, touched)
         if box is None:
             return None
         return SceneObject(
@@ -205,13 +214,6 @@ class SceneRenderer:
             p.aspect,
             p.ink,
         )
-
-    def digit_footprint(
-        self, p: DigitPlacement, shape: tuple[int, ...]
-    ) -> tuple[int, int, int, int] | None:
-        """The part ``(x0, y0, x1, y1)`` of a frame of ``shape`` that :meth:`draw_digit` may
-        change for ``p`` (None: none)."""
-        return warp_footprint(digit_matrix(p), self.pool.images[p.index].shape, shape)
 
     def draw_clutter(
         self,

@@ -400,15 +400,12 @@ class MovingDigits:
         ink = backdrop.clutter.copy()
         scene = Scene(np.zeros((self.height, self.width), np.uint8))
         scene.clutter_boxes.extend(backdrop.clutter_boxes)
-        drawn = []
+        drawn: list[tuple[int, int, int, int]] = []  # the parts of the frame digits changed
         for j, p in enumerate(self.placements(index)):
-            obj = self.renderer.draw_digit(ink, p)
+            obj = self.renderer.draw_digit(ink, p, drawn)
             if obj is not None:
                 # path j of its segment: the same digit from frame to frame
                 scene.objects.append(replace(obj, object_id=segment * OBJECTS_PER_SEGMENT + j))
-            footprint = self.renderer.digit_footprint(p, ink.shape)
-            if footprint is not None:
-                drawn.append(footprint)
         if backdrop.blurred is not None:
             img = self._blur_digits(backdrop, ink, drawn, seg.blur)
         else:
