@@ -9,6 +9,7 @@ kill it after the test. Loops here are bounded in time.
 from __future__ import annotations
 
 import getpass
+import io
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_stn.demo import free_port
+from edge_stn.subscriber import Consumer, SubscribeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
@@ -283,3 +285,13 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
 def mosquitto(mosquitto_factory: Callable[..., Mosquitto]) -> Mosquitto:
     """An anonymous mosquitto on a free loopback port, started."""
     return mosquitto_factory().start()
+
+
+def consumer(broker: Mosquitto, **kw: Any) -> Consumer:
+    """A started ``edge-stn subscribe`` consumer on ``broker`` (output kept in memory),
+    subscribed before it is returned; ``kw`` are its :class:`SubscribeOptions`."""
+    opts = SubscribeOptions(host=broker.host, port=broker.port, **kw)
+    c = Consumer(opts, out=io.StringIO(), err=io.StringIO(), keep=True)
+    c.start()
+    assert c.wait_subscribed(10), broker.log()
+    return c

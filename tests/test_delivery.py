@@ -12,7 +12,6 @@ shed and dead-lettered (the outbox's counters), and asserts missing == shed + de
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -26,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import Mosquitto, Subscriber, wait_until
+from mqtt_broker import Mosquitto, Subscriber, consumer, wait_until
 from tcp_proxy import FaultProxy
 
 from edge_stn.config import MqttConfig, load_config
 from edge_stn.publish.client import MqttPublisher, PublisherLimits
 from edge_stn.publish.outbox import CODE_DISCONNECTS, CODE_PACKET_TOO_LARGE, Outbox
 from edge_stn.publish.payloads import DeviceInfo, ModelInfo
-from edge_stn.subscriber import Consumer, SubscribeOptions
+from edge_stn.subscriber import Consumer
 
 pytest.importorskip("onnxruntime")
 
@@ -93,14 +92,6 @@ class RunningDaemon:
         self.daemon.request_stop()
         self.thread.join(15)
         assert not self.thread.is_alive(), "the daemon did not stop"
-
-
-def consumer(broker: Mosquitto, **kw: Any) -> Consumer:
-    opts = SubscribeOptions(host=broker.host, port=broker.port, **kw)
-    c = Consumer(opts, out=io.StringIO(), err=io.StringIO(), keep=True)
-    c.start()
-    assert c.wait_subscribed(10), broker.log()
-    return c
 
 
 def unique_ids(consumers: list[Consumer]) -> int:

@@ -3,7 +3,6 @@ malformed payloads, persistent sessions and shared subscriptions, against a real
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import threading
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_broker import Mosquitto, wait_until
+from mqtt_broker import Mosquitto, consumer, wait_until
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -23,9 +22,7 @@ from edge_stn.cli import main
 from edge_stn.publish.payloads import ModelInfo, encode, result_document
 from edge_stn.records import CropRef, Detection, FrameResult
 from edge_stn.subscriber import (
-    Consumer,
     DeliveryTracker,
-    SubscribeOptions,
     check_result,
     crop_file_name,
 )
@@ -201,14 +198,6 @@ def test_subscribe_cli_table_and_bad_arguments(
     )
     out = capsys.readouterr().out
     assert "summary: results 0 received" in out and "seq gaps 0, missing 0" in out
-
-
-def consumer(broker: Mosquitto, **kw: Any) -> Consumer:
-    opts = SubscribeOptions(host=broker.host, port=broker.port, **kw)
-    c = Consumer(opts, out=io.StringIO(), err=io.StringIO(), keep=True)
-    c.start()
-    assert c.wait_subscribed(10), broker.log()
-    return c
 
 
 def test_a_persistent_session_gets_what_came_while_it_was_away(mosquitto: Mosquitto) -> None:
