@@ -71,6 +71,21 @@ def free_port() -> int:
             return port
 
 
+def stop_process(proc: subprocess.Popen[Any], *, kill: bool = False) -> None:
+    """SIGKILL or SIGTERM a child that still runs, and reap it (SIGKILL after 5 s of SIGTERM)."""
+    if proc.poll() is not None:
+        return
+    if kill:
+        proc.kill()
+    else:
+        proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
 class PrivateBroker:
     """A mosquitto on a free loopback port, anonymous, without persistence."""
 
@@ -119,14 +134,8 @@ class PrivateBroker:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        if proc is not None:
+            stop_process(proc)
 
 
 @dataclass

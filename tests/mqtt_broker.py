@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from edge_stn.demo import free_port
+from edge_stn.demo import free_port, stop_process
 from edge_stn.subscriber import Consumer, SubscribeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,21 +177,6 @@ class Mosquitto:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-def stop_process(proc: subprocess.Popen[Any], *, kill: bool) -> None:
-    """SIGKILL or SIGTERM a child that still runs, and reap it (SIGKILL after 5 s of SIGTERM)."""
-    if proc.poll() is not None:
-        return
-    if kill:
-        proc.kill()
-    else:
-        proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 @dataclass

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from mqtt_broker import stop_process, wait_until
+from mqtt_broker import wait_until
 
-from edge_stn.demo import free_port
+from edge_stn.demo import free_port, stop_process
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 SERVE = Path(__file__).with_name("rtsp_serve.py")
