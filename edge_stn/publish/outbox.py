@@ -100,9 +100,8 @@ class NewCrop:
 
 
 @dataclass(frozen=True)
-class Refusal:
-    """A message refused before it was stored (too large): it goes straight to the dead
-    letters, so the gap it leaves has a counter."""
+class DeadLetter:
+    """A message that will not be delivered: what it was, and why (``code``, ``reason``)."""
 
     kind: Kind
     camera: str
@@ -112,7 +111,27 @@ class Refusal:
     size: int
     code: int
     reason: str
+
+
+@dataclass(frozen=True)
+class Refusal(DeadLetter):
+    """A message refused before it was stored (too large): it goes straight to the dead
+    letters, so the gap it leaves has a counter. A refused result keeps its ``payload``."""
+
     payload: bytes | None = None
+
+    def dead_letter(self) -> DeadLetter:
+        """The dead letter it becomes (without the payload)."""
+        return DeadLetter(
+            self.kind,
+            self.camera,
+            self.seq,
+            self.result_id,
+            self.topic,
+            self.size,
+            self.code,
+            self.reason,
+        )
 
 
 @dataclass(frozen=True)
@@ -170,18 +189,6 @@ class Settlement:
     @property
     def refused(self) -> bool:
         return self.code >= 0x80
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    kind: Kind
-    camera: str
-    seq: int | None
-    result_id: str
-    topic: str
-    size: int
-    code: int
-    reason: str
 
 
 @dataclass
@@ -838,18 +845,7 @@ class Outbox:
                     ref.payload if ref.kind == "result" else None,
                 ),
             )
-            report.dead.append(
-                DeadLetter(
-                    ref.kind,
-                    ref.camera,
-                    ref.seq,
-                    ref.result_id,
-                    ref.topic,
-                    ref.size,
-                    ref.code,
-                    ref.reason,
-                )
-            )
+            report.dead.append(ref.dead_letter())
         report.shed["crop"] += res.shed_crops
         if res.next_track_id is not None:
             self._conn.execute(
