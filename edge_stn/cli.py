@@ -229,21 +229,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
-    import os
-
-    from edge_stn.subscriber import SubscribeOptions, options_from_config, run_subscribe
+    from edge_stn.subscriber import (
+        SubscribeOptions,
+        broker_arguments,
+        options_from_config,
+        run_subscribe,
+    )
 
     if args.port is not None and not 1 <= args.port <= 65535:
         raise UsageError(f"--port: expected 1-65535, got {args.port}")
-    password = os.environ.get(args.password_env) if args.password_env else None
     given = {
-        "host": args.host,
-        "port": args.port,
-        "protocol": args.protocol,
-        "prefix": args.prefix,
-        "username": args.username,
-        "password": password,
-        "tls_ca": Path(args.tls_ca) if args.tls_ca else None,
+        **broker_arguments(args),
         "devices": tuple(args.device),
         "cameras": tuple(args.camera),
         "labels": tuple(args.label),
@@ -444,12 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="consume results: a live table or JSON lines, crops to a folder, loss and "
         "duplicate checks, shared subscriptions, persistent sessions",
     )
-    s.add_argument("--host", help="broker host (default localhost)")
-    s.add_argument("--port", type=int, help="broker port (default 1883)")
-    s.add_argument("--protocol", choices=["v5", "v311"], help="MQTT version (default v5)")
-    s.add_argument("--prefix", help="topic prefix (default edge-stn)")
-    s.add_argument(
-        "--config", help="take broker, protocol, prefix, credentials and TLS from a daemon config"
+    from edge_stn.subscriber import add_broker_arguments
+
+    add_broker_arguments(
+        s,
+        config_help="take broker, protocol, prefix, credentials and TLS from a daemon config",
+        username_help="broker user name",
     )
     s.add_argument("--device", action="append", default=[], help="only this device (repeatable)")
     s.add_argument("--camera", action="append", default=[], help="only this camera (repeatable)")
@@ -471,14 +467,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds the broker keeps the session after a disconnect (default 86400)",
     )
-    s.add_argument("--username", help="broker user name")
-    s.add_argument(
-        "--password-env",
-        default="EDGE_STN_MQTT_PASSWORD",
-        metavar="VAR",
-        help="environment variable holding the password (default EDGE_STN_MQTT_PASSWORD)",
-    )
-    s.add_argument("--tls-ca", metavar="FILE", help="CA file: connect with TLS")
     s.add_argument("--count", type=_positive_int, help="stop after this many unique results")
     s.add_argument("--seconds", type=_positive_float, help="stop after this many seconds")
     s.set_defaults(func=cmd_subscribe)

@@ -236,6 +236,8 @@ def exit_code(reply: dict[str, Any]) -> int:
 
 def add_command_arguments(p: Any) -> None:
     """The arguments of ``edge-stn command`` (an argparse parser)."""
+    from edge_stn.subscriber import add_broker_arguments
+
     p.add_argument("name", choices=["reload", "thresholds", "snapshot", "model"])
     p.add_argument(
         "args",
@@ -245,17 +247,10 @@ def add_command_arguments(p: Any) -> None:
         '\'{"detection": {"score_threshold": 0.7}}\' (default {})',
     )
     p.add_argument("--device", required=True, help="the gateway's device_id")
-    p.add_argument("--host", help="broker host (default localhost)")
-    p.add_argument("--port", type=int, help="broker port (default 1883)")
-    p.add_argument("--protocol", choices=["v5", "v311"], help="MQTT version (default v5)")
-    p.add_argument("--prefix", help="topic prefix (default edge-stn)")
-    p.add_argument("--config", help="take broker, credentials and TLS from a daemon config")
-    p.add_argument("--username", help="broker user name (an operator account)")
-    p.add_argument(
-        "--password-env",
-        default="EDGE_STN_MQTT_PASSWORD",
-        metavar="VAR",
-        help="environment variable holding the password (default EDGE_STN_MQTT_PASSWORD)",
+    add_broker_arguments(
+        p,
+        config_help="take broker, credentials and TLS from a daemon config",
+        username_help="broker user name (an operator account)",
     )
     p.add_argument(
         "--token-env",
@@ -263,7 +258,6 @@ def add_command_arguments(p: Any) -> None:
         metavar="VAR",
         help=f"environment variable holding commands.token (default {TOKEN_ENV})",
     )
-    p.add_argument("--tls-ca", metavar="FILE", help="CA file: connect with TLS")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a reply")
     p.add_argument("--model-file", metavar="F", help="model: the .onnx to send in chunks")
     p.add_argument("--signature", metavar="F", help="model: its signature (default F.sig)")
@@ -275,7 +269,7 @@ def add_command_arguments(p: Any) -> None:
 
 def run_command_cli(args: Any) -> int:
     """``edge-stn command``: print the reply as JSON; exit 0 done, 2 rejected, 1 failed."""
-    from edge_stn.subscriber import options_from_config
+    from edge_stn.subscriber import broker_arguments, options_from_config
 
     try:
         doc = json.loads(args.args)
@@ -287,15 +281,7 @@ def run_command_cli(args: Any) -> int:
         raise CommandUsageError("--model-file goes with the model command")
     if not 1024 <= args.chunk_bytes <= 100_000_000:
         raise CommandUsageError(f"--chunk-bytes: expected 1024-100000000, got {args.chunk_bytes}")
-    given: dict[str, Any] = {
-        "host": args.host,
-        "port": args.port,
-        "protocol": args.protocol,
-        "prefix": args.prefix,
-        "username": args.username,
-        "password": os.environ.get(args.password_env) if args.password_env else None,
-        "tls_ca": Path(args.tls_ca) if args.tls_ca else None,
-    }
+    given = broker_arguments(args)
     if args.config:
         sub = options_from_config(Path(args.config), **given)
         given = {k: getattr(sub, k) for k in ("host", "port", "protocol", "prefix", "username")}

@@ -652,6 +652,38 @@ def run_subscribe(opts: SubscribeOptions) -> int:
             signal.signal(s, handler)
 
 
+def add_broker_arguments(p: Any, *, config_help: str, username_help: str) -> None:
+    """The broker connection's arguments, shared by ``edge-stn subscribe`` and ``edge-stn
+    command`` (an argparse parser); :func:`broker_arguments` reads them back."""
+    p.add_argument("--host", help="broker host (default localhost)")
+    p.add_argument("--port", type=int, help="broker port (default 1883)")
+    p.add_argument("--protocol", choices=["v5", "v311"], help="MQTT version (default v5)")
+    p.add_argument("--prefix", help="topic prefix (default edge-stn)")
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--username", help=username_help)
+    p.add_argument(
+        "--password-env",
+        default="EDGE_STN_MQTT_PASSWORD",
+        metavar="VAR",
+        help="environment variable holding the password (default EDGE_STN_MQTT_PASSWORD)",
+    )
+    p.add_argument("--tls-ca", metavar="FILE", help="CA file: connect with TLS")
+
+
+def broker_arguments(args: Any) -> dict[str, Any]:
+    """What :func:`add_broker_arguments` parsed, as options (None where not given; the
+    password read from its environment variable)."""
+    return {
+        "host": args.host,
+        "port": args.port,
+        "protocol": args.protocol,
+        "prefix": args.prefix,
+        "username": args.username,
+        "password": os.environ.get(args.password_env) if args.password_env else None,
+        "tls_ca": Path(args.tls_ca) if args.tls_ca else None,
+    }
+
+
 def options_from_config(path: Path, **overrides: Any) -> SubscribeOptions:
     """Broker, protocol, prefix, credentials and TLS taken from a daemon config file."""
     from edge_stn.config import load_config
