@@ -61,3 +61,51 @@ def test_demo_model_re_exports_to_the_shipped_outputs(tmp_path: Path) -> None:
     assert shipped.theta is not None and fresh.theta is not None
     assert np.abs(shipped.logits - fresh.logits).max() <= 1e-5
     assert np.abs(shipped.theta - fresh.theta).max() <= 1e-6
+
+
+def _onnx_props(data: bytes) -> dict[str, str]:
+    onnx = pytest.importorskip("onnx")
+    model = onnx.ModelProto()
+    model.ParseFromString(data)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+@pytest.mark.parametrize("name", [*sorted(BARS), "extra-props"])
+def test_metadata_is_read_from_the_protobuf_as_onnx_reads_it(name: str, tmp_path: Path) -> None:
+    from edge_stn.runtime.metadata import _metadata_props
+
+    onnx = pytest.importorskip("onnx")
+    if name in BARS:
+        path = ASSETS / name
+    else:  # several entries, non-ASCII text, an empty value, beside the document
+        model = onnx.load(str(ASSETS / "rts-stcnn.onnx"))
+        for key, value in (("author", "Zoë — édge"), ("empty", ""), ("z", "1" * 300)):
+            model.metadata_props.add(key=key, value=value)
+        path = tmp_path / "extra.onnx"
+        onnx.save(model, str(path))
+    props = _metadata_props(path)
+    assert props == _onnx_props(path.read_bytes())
+    assert "edge_stn" in props
+
+
+def test_a_truncated_or_foreign_file_is_refused_by_the_protobuf_reader(tmp_path: Path) -> None:
+    from edge_stn.errors import ModelError
+
+    data = (ASSETS / "demo-stcnn.onnx").read_bytes()
+    rng = np.random.default_rng(3)
+    cuts = [len(data) - 1, len(data) // 2, *rng.integers(1, len(data) - 1, 8).tolist()]
+    refused = 0
+    for cut in cuts:
+        path = tmp_path / "cut.onnx"
+        path.write_bytes(data[:cut])
+        try:
+            read_model_metadata(path)
+        except ModelError as exc:
+            refused += 1
+            assert "cut.onnx" in str(exc)
+    # a cut inside the graph or the metadata always leaves a field running past the end
+    assert refused == len(cuts)
+    path = tmp_path / "text.onnx"
+    path.write_text("ir_version: 8\n")  # a text dump is not the binary format
+    with pytest.raises(ModelError, match=r"not a readable ONNX model|no 'edge_stn' metadata"):
+        read_model_metadata(path)

@@ -72,3 +72,17 @@ def test_the_probe_would_see_torch() -> None:
     # The check above can fail: importing the nn package does load torch.
     pytest.importorskip("torch")
     assert "torch" in loaded_after_import("edge_stn.nn")
+
+
+def test_loading_a_model_loads_neither_torch_nor_onnx() -> None:
+    # The engine reads the embedded document from the file's protobuf itself: importing onnx for
+    # it cost the daemon 13 MB of resident memory (onnx is installed here, with the extras).
+    pytest.importorskip("onnx")
+    loaded = loaded_after_import(
+        "edge_stn.runtime.engine",
+        "from edge_stn.config import BUNDLED_DEMO_MODEL, ModelConfig; "
+        "from edge_stn.runtime.engine import Engine; "
+        "Engine(ModelConfig(path=BUNDLED_DEMO_MODEL))",
+    )
+    assert "onnxruntime" in loaded
+    assert not {m for m in loaded if m.split(".")[0] in HEAVY}

@@ -6,8 +6,10 @@ it is the authority on labels, input scaling, outputs and the STN's sampling. Be
 verification report. The runtime refuses a model without the embedded document, and a model
 whose sha256 differs from a sidecar that is present.
 
-Torch-free. The ``onnx`` package is used when installed (workstations); otherwise ONNX Runtime
-reads the metadata (gateways install ``onnxruntime`` but not ``onnx``).
+Torch-free, and free of the ``onnx`` package: the document is read straight from the file's
+protobuf encoding (only the top level of the ``ModelProto``; the graph is skipped by its length).
+Importing ``onnx`` for this cost the daemon 13 MB of resident memory, and the fallback on
+gateways without it, an extra ONNX Runtime session, a second copy of the model's weights.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edge_stn.errors import MissingExtraError, ModelError, ModelIntegrityError
+from edge_stn.errors import ModelError, ModelIntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -102,30 +104,77 @@ def validate_document(doc: Any, *, path: str | Path | None = None) -> dict[str, 
     return doc
 
 
+_MODEL_METADATA_PROPS = 14
+"""``ModelProto.metadata_props``: repeated ``StringStringEntryProto {key = 1, value = 2}``."""
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+
+
+def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("the file ends inside a varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("a varint longer than 10 bytes")
+
+
+def protobuf_fields(buf: bytes | memoryview) -> list[tuple[int, int, Any]]:
+    """The top-level fields of a protobuf message: ``(number, wire type, value)``, where a
+    length-delimited value is a memoryview (nothing is copied or decoded). Raises ValueError on
+    anything that is not a well-formed message (a truncated file, a group, field number 0)."""
+    view = memoryview(buf)
+    fields: list[tuple[int, int, Any]] = []
+    pos = 0
+    while pos < len(view):
+        key, pos = _varint(view, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ValueError("field number 0")
+        value: int | bytes | memoryview
+        if wire == _VARINT:
+            value, pos = _varint(view, pos)
+        elif wire == _LENGTH:
+            size, pos = _varint(view, pos)
+            if pos + size > len(view):
+                raise ValueError(f"field {number} runs {pos + size - len(view)} bytes past the end")
+            value, pos = view[pos : pos + size], pos + size
+        elif wire in (_FIXED64, _FIXED32):
+            width = 8 if wire == _FIXED64 else 4
+            if pos + width > len(view):
+                raise ValueError(f"field {number} runs past the end")
+            value, pos = bytes(view[pos : pos + width]), pos + width
+        else:
+            raise ValueError(f"wire type {wire} (field {number}) is not used by ONNX")
+        fields.append((number, wire, value))
+    return fields
+
+
 def _metadata_props(path: Path) -> dict[str, str]:
     try:
-        import onnx
-    except ImportError:  # a gateway: ONNX Runtime reads it
-        return _metadata_props_ort(path)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read it: {exc.strerror or exc}", path=path) from None
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends: the file is not ONNX
+        props: dict[str, str] = {}
+        for number, wire, value in protobuf_fields(data):
+            if number != _MODEL_METADATA_PROPS:
+                continue
+            if wire != _LENGTH:
+                raise ValueError("metadata_props is not a message")
+            entry = {n: v for n, w, v in protobuf_fields(value) if w == _LENGTH}
+            key = bytes(entry.get(1, b"")).decode("utf-8")
+            props[key] = bytes(entry.get(2, b"")).decode("utf-8")
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ModelError(
             f"not a readable ONNX model (truncated or corrupt?): {_first_line(exc)}", path=path
         ) from None
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def _metadata_props_ort(path: Path) -> dict[str, str]:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise MissingExtraError("onnxruntime", "cpu", "reading an ONNX model") from None
-    try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-        raise ModelError(f"ONNX Runtime cannot load it: {_first_line(exc)}", path=path) from None
-    return dict(sess.get_modelmeta().custom_metadata_map)
+    return props
 
 
 def _first_line(exc: BaseException) -> str:
