@@ -90,7 +90,7 @@ from edge_stn.config import (
     redact_url,
 )
 from edge_stn.detect.crops import LazyCrop
-from edge_stn.detect.detector import Detector
+from edge_stn.detect.detector import Detector, Finished, PreparePipeline
 from edge_stn.detect.hard_examples import HardExampleWriter
 from edge_stn.detect.track_crops import TrackStage
 from edge_stn.errors import EdgeStnError, SourceError
@@ -113,6 +113,9 @@ logger = logging.getLogger(__name__)
 
 RESULT_QUEUE_SIZE = 16
 """Results waiting for the publisher stage (each holds its frame for the crops)."""
+PIPELINE_FRAMES_PER_CAMERA = 2
+"""Frames of one camera in the detector stage at most (the one the model runs and the next,
+being cut): enough to overlap the two, few enough that a live camera's frames stay fresh."""
 STOP_TIMEOUT_S = 5.0
 """SIGTERM to exit, at most (DESIGN §7): the MQTT stop gets what the threads leave of it."""
 LOADER_THREAD = "edge-stn.model-loader"
@@ -767,41 +770,61 @@ class Daemon:
         return frames
 
     def _detector_loop(self) -> None:
+        # Proposals and windows of the next frames are cut by the helper lanes while this thread
+        # runs the model (PreparePipeline); at most two frames per camera are in the stage.
+        lanes = self._stage.detector.prepare_threads
+        pipeline = PreparePipeline(lanes - 1)
         try:
             while True:
-                self.heartbeats.beat("detector")
                 self._wakeup.clear()  # before polling: a put after this sets it again
-                frames = self._next_frames()
-                if not frames:
+                frames: list[Frame] = []
+                if len(pipeline) < PIPELINE_FRAMES_PER_CAMERA * max(1, len(self.readers)):
+                    frames = self._next_frames()
+                if frames:
+                    for frame in frames:  # the newest frame of each camera, for snapshots
+                        self._latest_frames[frame.camera_id] = frame
+                    stage = self._stage  # its detector stays with these frames across a reload
+                    pipeline.submit(stage.detector, frames, stage)
+                if not len(pipeline):
+                    self.heartbeats.beat("detector")
                     if self.stop_event.is_set() or all(r.finished for r in self.readers):
                         self.heartbeats.done("detector")
                         break
                     self._wakeup.wait(0.2)
                     continue
-                for frame in frames:  # the newest frame of each camera, for snapshots
-                    self._latest_frames[frame.camera_id] = frame
-                stage = self._stage  # one detector per batch, whatever a reload does
-                try:
-                    results = stage.detector.detect(frames)
-                except Exception:
-                    # A runtime fault (ONNX Runtime error) is logged, counted and survived.
-                    with self._lock:
-                        self._stage_errors += 1
-                    logger.exception("detector failed on a batch of %d frame(s)", len(frames))
-                    continue
-                crop_size = stage.detector.crop_size
-                metrics = self.supervisor.metrics
-                for i, (result, frame) in enumerate(zip(results, frames, strict=True)):
-                    self._detect_ms.add(result.detect_ms)
-                    if metrics is not None:
-                        metrics.observe_detect(result.camera_id, result.detect_ms)
-                    with self._lock:
-                        cid = result.camera_id
-                        self._processed[cid] = self._processed.get(cid, 0) + 1
-                    last = i == len(results) - 1
-                    self._enqueue(_Work(result, frame, stage.model, crop_size, last))
+                finished = pipeline.step(timeout=0.002)
+                if finished or frames:
+                    self.heartbeats.beat("detector")
+                for done in finished:
+                    self._hand_on(done)
         finally:
+            pipeline.close()
             self._put_end()
+
+    def _hand_on(self, done: Finished) -> None:
+        """Results of the detector stage to the publisher stage (or a runtime fault counted)."""
+        if done.error is not None:
+            # A runtime fault (ONNX Runtime error) is logged, counted and survived.
+            with self._lock:
+                self._stage_errors += 1
+            logger.error(
+                "detector failed on a batch of %d frame(s)",
+                len(done.frames),
+                exc_info=(type(done.error), done.error, done.error.__traceback__),
+            )
+            return
+        stage: _Stage = done.tag
+        crop_size = done.detector.crop_size
+        metrics = self.supervisor.metrics
+        for i, (result, frame) in enumerate(zip(done.results, done.frames, strict=True)):
+            self._detect_ms.add(result.detect_ms)
+            if metrics is not None:
+                metrics.observe_detect(result.camera_id, result.detect_ms)
+            with self._lock:
+                cid = result.camera_id
+                self._processed[cid] = self._processed.get(cid, 0) + 1
+            last = i == len(done.results) - 1
+            self._enqueue(_Work(result, frame, stage.model, crop_size, last))
 
     def _enqueue(self, work: _Work) -> None:
         if self._live.get(work.result.camera_id, True):

@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -329,7 +330,13 @@ class Detector:
 
     def detect(self, frames: Sequence[Frame]) -> list[FrameResult]:
         """One :class:`FrameResult` per frame, in the order given, from one batched model call."""
-        per_frame = self._prepare_all(frames)
+        return self.finish(frames, self._prepare_all(frames))
+
+    def finish(
+        self, frames: Sequence[Frame], per_frame: Sequence[FrameWindows]
+    ) -> list[FrameResult]:
+        """The model and the rest for frames whose windows are cut (:meth:`prepare`): one
+        batched model call, one :class:`FrameResult` per frame in the order given."""
         counts = [fw.images.shape[0] for fw in per_frame]
         total = sum(counts)
         c, s = self.engine.channels, self.spec.size
@@ -372,3 +379,152 @@ class Detector:
 
     def __call__(self, frames: Sequence[Frame]) -> list[FrameResult]:
         return self.detect(frames)
+
+
+# ------------------------------------------------------------ the pipelined stage (the daemon)
+
+_WAITING, _TAKEN, _DONE = 0, 1, 2
+
+
+@dataclass(eq=False)
+class _Pending:
+    detector: Detector
+    tag: Any
+    frame: Frame
+    state: int = _WAITING
+    windows: FrameWindows | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Frames the :class:`PreparePipeline` is done with, in the order they were submitted:
+    ``results`` (one per frame), or ``error`` when their model call or one of their
+    :meth:`Detector.prepare` calls raised."""
+
+    detector: Detector
+    tag: Any
+    frames: list[Frame]
+    results: list[FrameResult]
+    error: BaseException | None = None
+
+
+class PreparePipeline:
+    """The detector stage of the daemon, pipelined: proposals and windows of the frames ahead
+    are cut by ``helpers`` threads while the caller's thread runs the model on frames already
+    cut, so the model's native time (ONNX Runtime releases the interpreter) overlaps the next
+    frames' preparation; on a video file it keeps both cores busy. When no frame is ready for
+    the model, the caller cuts one itself, so a batch of several cameras is shared out as the
+    two lanes of :meth:`Detector.detect` did.
+
+    Frames come out in the order they went in (every camera's frames stay in order); the model
+    takes the longest run of cut frames at the head, so frames that are ready are never held
+    back for slower ones behind them. Each frame keeps the :class:`Detector` it was submitted
+    with (a reload swaps detectors) and an opaque ``tag``. Only the caller's thread may call
+    :meth:`submit` and :meth:`step`.
+    """
+
+    def __init__(self, helpers: int, *, name: str = "edge-stn.prepare") -> None:
+        self._items: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._help, name=f"{name}-{i}", daemon=True)
+            for i in range(max(0, helpers))
+        ]
+        for t in self._threads:
+            t.start()
+
+    def __len__(self) -> int:
+        """Frames submitted and not yet returned by :meth:`step`."""
+        return len(self._items)
+
+    def submit(self, detector: Detector, frames: Iterable[Frame], tag: Any = None) -> None:
+        with self._cond:
+            self._items.extend(_Pending(detector, tag, f) for f in frames)
+            self._cond.notify_all()
+
+    def _first_waiting(self) -> _Pending | None:
+        for item in self._items:
+            if item.state == _WAITING:
+                item.state = _TAKEN
+                return item
+        return None
+
+    def _prepare(self, item: _Pending) -> None:
+        try:
+            item.windows = item.detector.prepare(item.frame)
+        except BaseException as exc:  # handed to the caller with its frame
+            item.error = exc
+        with self._cond:
+            item.state = _DONE
+            self._cond.notify_all()
+
+    def _help(self) -> None:
+        while True:
+            with self._cond:
+                item = self._first_waiting()
+                while item is None and not self._closed:
+                    self._cond.wait()
+                    item = self._first_waiting()
+                if item is None:
+                    return
+            self._prepare(item)
+
+    def step(self, timeout: float = 0.0) -> list[Finished]:
+        """One piece of work on the caller's thread: the model for the cut frames at the head
+        (returned), else cutting the next waiting frame, else waiting at most ``timeout`` s for
+        a helper to finish one (returns an empty list for both)."""
+        with self._cond:
+            ready: list[_Pending] = []
+            for item in self._items:
+                if item.state != _DONE or (ready and item.detector is not ready[0].detector):
+                    break
+                ready.append(item)
+            for _ in ready:
+                self._items.popleft()
+            mine = None if ready else self._first_waiting()
+            if not ready and mine is None:
+                if self._items and timeout > 0:
+                    self._cond.wait(timeout)
+                return []
+        if mine is not None:
+            self._prepare(mine)
+            return []
+        return self._finish(ready)
+
+    def _finish(self, ready: list[_Pending]) -> list[Finished]:
+        out: list[Finished] = []
+        good: list[_Pending] = []
+
+        def flush() -> None:
+            if not good:
+                return
+            head = good[0]
+            frames = [p.frame for p in good]
+            try:
+                windows = [p.windows for p in good if p.windows is not None]
+                out.append(
+                    Finished(head.detector, head.tag, frames, head.detector.finish(frames, windows))
+                )
+            except Exception as exc:  # a runtime fault of the model: the caller logs it
+                out.append(Finished(head.detector, head.tag, frames, [], exc))
+            good.clear()
+
+        for item in ready:
+            if item.error is not None:
+                flush()
+                out.append(Finished(item.detector, item.tag, [item.frame], [], item.error))
+            elif good and item.tag is not good[0].tag:
+                flush()
+                good.append(item)
+            else:
+                good.append(item)
+        flush()
+        return out
+
+    def close(self) -> None:
+        """Let the helper threads end (frames still waiting are dropped with the pipeline)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
