@@ -9,6 +9,7 @@ pixel-centre formula itself is pinned in ``test_geometry.py``
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -278,6 +279,82 @@ def test_batching_across_cameras_equals_one_frame_at_a_time(engine: Engine, shot
                 np.testing.assert_array_equal(da.box, db.box)
                 assert da.score == pytest.approx(db.score, abs=1e-5)
                 np.testing.assert_allclose(da.affine, db.affine, atol=1e-4)
+
+
+def _same_results(a: list, b: list) -> None:
+    assert [(r.camera_id, r.frame_index) for r in a] == [(r.camera_id, r.frame_index) for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert [d.label for d in ra.detections] == [d.label for d in rb.detections]
+        for da, db in zip(ra.detections, rb.detections, strict=True):
+            np.testing.assert_array_equal(da.box, db.box)
+            assert da.score == pytest.approx(db.score, abs=1e-5)
+            np.testing.assert_allclose(da.affine, db.affine, atol=1e-4)
+
+
+@pytest.mark.parametrize("helpers", [0, 1, 3])
+def test_pipeline_gives_the_results_of_detect_in_submission_order(
+    engine: Engine, shots, helpers: int
+) -> None:
+    from edge_stn.detect.detector import PreparePipeline
+
+    frames = [s.frame for s in shots[:6]]
+    expected = [Detector(engine).detect([f])[0] for f in frames]
+    first, second = Detector(engine), Detector(engine)
+    slow = {frames[0].index, frames[3].index}
+    real_prepare = first.prepare
+
+    def prepare(frame):  # the head frames are cut last: nothing may overtake them
+        if frame.index in slow and helpers:
+            time.sleep(0.05)
+        return real_prepare(frame)
+
+    first.prepare = prepare  # type: ignore[method-assign]
+    pipeline = PreparePipeline(helpers)
+    try:
+        pipeline.submit(first, frames[:4], "a")
+        pipeline.submit(second, frames[4:], "b")  # a reload's new detector
+        done = []
+        deadline = time.monotonic() + 20
+        while len(pipeline) and time.monotonic() < deadline:
+            done.extend(pipeline.step(timeout=0.01))
+    finally:
+        pipeline.close()
+    assert not len(pipeline)
+    assert all(d.error is None for d in done)
+    # every batch is one detector's and one tag's, and the batches keep the order
+    assert all((d.detector is first) == (d.tag == "a") for d in done)
+    assert [d.tag for d in done] == sorted(d.tag for d in done)
+    results = [r for d in done for r in d.results]
+    assert [r.frame_index for r in results] == [f.index for f in frames]
+    _same_results(results, expected)
+
+
+def test_pipeline_hands_back_a_frame_whose_preparation_failed(engine: Engine, shots) -> None:
+    from edge_stn.detect.detector import PreparePipeline
+
+    frames = [s.frame for s in shots[:3]]
+    det = Detector(engine)
+    real_prepare = det.prepare
+
+    def prepare(frame):
+        if frame is frames[1]:
+            raise RuntimeError("broken frame")
+        return real_prepare(frame)
+
+    det.prepare = prepare  # type: ignore[method-assign]
+    pipeline = PreparePipeline(1)
+    try:
+        pipeline.submit(det, frames)
+        done = []
+        while len(pipeline):
+            done.extend(pipeline.step(timeout=0.01))
+    finally:
+        pipeline.close()
+    errors = [d for d in done if d.error is not None]
+    assert len(errors) == 1 and errors[0].frames == [frames[1]]
+    assert "broken frame" in str(errors[0].error)
+    good = [r.frame_index for d in done if d.error is None for r in d.results]
+    assert good == [frames[0].index, frames[2].index]
 
 
 def test_nms_removes_duplicate_windows_of_one_object(engine: Engine, shots) -> None:
