@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,32 @@ class _Backdrop:
     blurred: npt.NDArray[np.float32] | None = None
     """Ramp plus clutter, blurred by the segment's blur (None without blur; read-only): a
     frame's picture away from its digits."""
+    ink: npt.NDArray[np.float32] = field(init=False)
+    """The frame being drawn: a copy of the clutter that each frame draws its digits into and
+    puts back as it was (only the digits' parts), instead of a full-frame copy per frame."""
+    _still: list[npt.NDArray[np.uint8]] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ink", self.clutter.copy())
+
+    def still_u8(self) -> npt.NDArray[np.uint8]:
+        """The blurred backdrop as a noiseless frame (made on first use: only a segment without
+        noise needs it)."""
+        if not self._still:
+            assert self.blurred is not None
+            self._still.append(_to_uint8(self.blurred, None, 0.0))
+        return self._still[0]
+
+
+def _to_uint8(
+    picture: npt.NDArray[np.float32], noise: npt.NDArray[np.float32] | None, level: float
+) -> npt.NDArray[np.uint8]:
+    """``picture + level * noise``, rounded to nearest and saturated into uint8, in one pass
+    (without noise: clipped to 0-255, then rounded as ``np.rint``)."""
+    if noise is not None:
+        return np.asarray(cv2.addWeighted(noise, level, picture, 1.0, 0.0, dtype=cv2.CV_8U))
+    # Non-negative after the clip: convertScaleAbs only rounds to nearest (as np.rint).
+    return np.asarray(cv2.convertScaleAbs(np.clip(picture, 0, 255)), np.uint8)
 
 
 def blur_reach(sigma: float) -> int:
@@ -397,49 +423,55 @@ class MovingDigits:
         segment = index // self.segment_frames
         seg = self._segment(segment)
         backdrop = self._backdrop(segment)
-        ink = backdrop.clutter.copy()
-        scene = Scene(np.zeros((self.height, self.width), np.uint8))
-        scene.clutter_boxes.extend(backdrop.clutter_boxes)
+        ink = backdrop.ink  # the clutter, with this frame's digits drawn in below
+        objects: list[SceneObject] = []
         drawn: list[tuple[int, int, int, int]] = []  # the parts of the frame digits changed
-        for j, p in enumerate(self.placements(index)):
-            obj = self.renderer.draw_digit(ink, p, drawn)
-            if obj is not None:
-                # path j of its segment: the same digit from frame to frame
-                scene.objects.append(replace(obj, object_id=segment * OBJECTS_PER_SEGMENT + j))
-        if backdrop.blurred is not None:
-            img = self._blur_digits(backdrop, ink, drawn, seg.blur)
-        else:
-            img = ink
-            img += backdrop.ramp  # background + ink, every row on the ramp
-        if seg.noise > 0:
-            dy, dx = self._rng(_NOISE, index).integers(0, NOISE_MARGIN + 1, size=2)
-            window = noise_field(self.height, self.width)[
-                dy : dy + self.height, dx : dx + self.width
-            ]
-            # picture + noise, rounded to nearest and saturated into uint8, in one pass
-            out = cv2.addWeighted(window, seg.noise, img, 1.0, 0.0, dtype=cv2.CV_8U)
-        else:
-            np.clip(img, 0, 255, out=img)
-            # Non-negative now: convertScaleAbs only rounds to nearest (as np.rint) into uint8.
-            out = cv2.convertScaleAbs(img)
-        scene.image = np.asarray(out, np.uint8)
+        try:
+            for j, p in enumerate(self.placements(index)):
+                obj = self.renderer.draw_digit(ink, p, drawn)
+                if obj is not None:
+                    # path j of its segment: the same digit from frame to frame
+                    objects.append(replace(obj, object_id=segment * OBJECTS_PER_SEGMENT + j))
+            noise = None
+            if seg.noise > 0:
+                dy, dx = self._rng(_NOISE, index).integers(0, NOISE_MARGIN + 1, size=2)
+                noise = noise_field(self.height, self.width)[
+                    dy : dy + self.height, dx : dx + self.width
+                ]
+            if backdrop.blurred is not None:
+                image = self._blur_digits(backdrop, drawn, seg.blur, noise, seg.noise)
+            else:
+                image = _to_uint8(ink + backdrop.ramp, noise, seg.noise)
+        finally:
+            for x0, y0, x1, y1 in drawn:  # back to the bare clutter for the next frame
+                ink[y0:y1, x0:x1] = backdrop.clutter[y0:y1, x0:x1]
+        scene = Scene(image)
+        scene.objects.extend(objects)
+        scene.clutter_boxes.extend(backdrop.clutter_boxes)
         return scene
 
     def _blur_digits(
         self,
         backdrop: _Backdrop,
-        ink: npt.NDArray[np.float32],
         drawn: list[tuple[int, int, int, int]],
         sigma: float,
-    ) -> npt.NDArray[np.float32]:
-        """``blur(ramp + ink)`` of the whole frame, computed only where the digits are: the
-        segment's blurred backdrop, and around each digit's footprint the blur of a patch wide
-        enough that its borders do not reach the part kept (the same pixels as blurring the
-        whole frame, a fraction of the work)."""
+        noise: npt.NDArray[np.float32] | None,
+        noise_level: float,
+    ) -> npt.NDArray[np.uint8]:
+        """``blur(ramp + ink)`` of the whole frame plus noise, rounded into uint8, computed only
+        where the digits are: the segment's blurred backdrop, and around each digit's footprint
+        the blur of a patch wide enough that its borders do not reach the part kept (the same
+        pixels as blurring the whole frame, a fraction of the work). Every step is per pixel
+        after the blur, so the frame is written as uint8 straight away, with no full-frame float
+        copy."""
         assert backdrop.blurred is not None
-        img = backdrop.blurred.copy()
+        if noise is None:
+            image = backdrop.still_u8().copy()
+        else:
+            image = _to_uint8(backdrop.blurred, noise, noise_level)
         reach = blur_reach(sigma)
-        h, w = img.shape
+        h, w = image.shape
+        ink = backdrop.ink
         for x0, y0, x1, y1 in drawn:
             # the pixels the digit can change (the kept part), and what their blur reads
             kx0, ky0, kx1, ky1 = (
@@ -456,8 +488,10 @@ class MovingDigits:
             )
             patch = ink[sy0:sy1, sx0:sx1] + backdrop.ramp[sx0:sx1]
             blurred = cv2.GaussianBlur(patch, (0, 0), sigmaX=sigma, sigmaY=sigma)
-            img[ky0:ky1, kx0:kx1] = blurred[ky0 - sy0 : ky1 - sy0, kx0 - sx0 : kx1 - sx0]
-        return img
+            kept = np.asarray(blurred, np.float32)[ky0 - sy0 : ky1 - sy0, kx0 - sx0 : kx1 - sx0]
+            part = None if noise is None else noise[ky0:ky1, kx0:kx1]
+            image[ky0:ky1, kx0:kx1] = _to_uint8(kept, part, noise_level)
+        return image
 
     def frame_bgr(self, index: int) -> tuple[npt.NDArray[np.uint8], list[SceneObject]]:
         scene = self.scene(index)
