@@ -113,9 +113,10 @@ logger = logging.getLogger(__name__)
 
 RESULT_QUEUE_SIZE = 16
 """Results waiting for the publisher stage (each holds its frame for the crops)."""
-PIPELINE_FRAMES_PER_CAMERA = 2
-"""Frames of one camera in the detector stage at most (the one the model runs and the next,
-being cut): enough to overlap the two, few enough that a live camera's frames stay fresh."""
+FILE_FRAMES_IN_STAGE = 2
+"""Frames of one video file in the detector stage at most: the one the model runs and the next,
+being cut. A live camera has one: its next frame waits in the reader, which replaces it with a
+newer one (a counted drop) rather than let it age behind the model."""
 STOP_TIMEOUT_S = 5.0
 """SIGTERM to exit, at most (DESIGN §7): the MQTT stop gets what the threads leave of it."""
 LOADER_THREAD = "edge-stn.model-loader"
@@ -761,9 +762,12 @@ class Daemon:
 
     # ------------------------------------------------------------ the detector stage
 
-    def _next_frames(self) -> list[Frame]:
+    def _next_frames(self, pipeline: PreparePipeline) -> list[Frame]:
         frames = []
         for reader in self.readers:
+            cap = 1 if self._live.get(reader.camera_id, True) else FILE_FRAMES_IN_STAGE
+            if pipeline.in_flight(reader.camera_id) >= cap:
+                continue
             frame = reader.poll()
             if frame is not None:
                 frames.append(frame)
@@ -771,15 +775,13 @@ class Daemon:
 
     def _detector_loop(self) -> None:
         # Proposals and windows of the next frames are cut by the helper lanes while this thread
-        # runs the model (PreparePipeline); at most two frames per camera are in the stage.
+        # runs the model (PreparePipeline).
         lanes = self._stage.detector.prepare_threads
         pipeline = PreparePipeline(lanes - 1)
         try:
             while True:
                 self._wakeup.clear()  # before polling: a put after this sets it again
-                frames: list[Frame] = []
-                if len(pipeline) < PIPELINE_FRAMES_PER_CAMERA * max(1, len(self.readers)):
-                    frames = self._next_frames()
+                frames = self._next_frames(pipeline)
                 if frames:
                     for frame in frames:  # the newest frame of each camera, for snapshots
                         self._latest_frames[frame.camera_id] = frame

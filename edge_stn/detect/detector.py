@@ -426,6 +426,7 @@ class PreparePipeline:
 
     def __init__(self, helpers: int, *, name: str = "edge-stn.prepare") -> None:
         self._items: deque[_Pending] = deque()
+        self._cameras: dict[str, int] = {}
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [
@@ -439,9 +440,17 @@ class PreparePipeline:
         """Frames submitted and not yet returned by :meth:`step`."""
         return len(self._items)
 
+    def in_flight(self, camera_id: str) -> int:
+        """Frames of ``camera_id`` submitted and not yet returned (caller's thread)."""
+        return self._cameras.get(camera_id, 0)
+
     def submit(self, detector: Detector, frames: Iterable[Frame], tag: Any = None) -> None:
+        items = [_Pending(detector, tag, f) for f in frames]
+        for item in items:
+            cid = item.frame.camera_id
+            self._cameras[cid] = self._cameras.get(cid, 0) + 1
         with self._cond:
-            self._items.extend(_Pending(detector, tag, f) for f in frames)
+            self._items.extend(items)
             self._cond.notify_all()
 
     def _first_waiting(self) -> _Pending | None:
@@ -481,8 +490,9 @@ class PreparePipeline:
                 if item.state != _DONE or (ready and item.detector is not ready[0].detector):
                     break
                 ready.append(item)
-            for _ in ready:
+            for item in ready:
                 self._items.popleft()
+                self._cameras[item.frame.camera_id] -= 1
             mine = None if ready else self._first_waiting()
             if not ready and mine is None:
                 if self._items and timeout > 0:
