@@ -783,8 +783,11 @@ class Daemon:
                 self._wakeup.clear()  # before polling: a put after this sets it again
                 frames = self._next_frames(pipeline)
                 if frames:
-                    for frame in frames:  # the newest frame of each camera, for snapshots
-                        self._latest_frames[frame.camera_id] = frame
+                    if self.commands is not None:
+                        # the newest frame of each camera, for the snapshot command (without
+                        # commands, nothing keeps a frame alive once it is published)
+                        for frame in frames:
+                            self._latest_frames[frame.camera_id] = frame
                     stage = self._stage  # its detector stays with these frames across a reload
                     pipeline.submit(stage.detector, frames, stage)
                 if not len(pipeline):
