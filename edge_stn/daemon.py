@@ -97,6 +97,7 @@ from edge_stn.errors import EdgeStnError, SourceError
 from edge_stn.ops.commands import MAIN_THREAD_TIMEOUT_S, CommandFailed, CommandRunner
 from edge_stn.ops.health import Heartbeats
 from edge_stn.ops.logs import config_secrets, configure_logging
+from edge_stn.ops.memory import release_frames_to_the_kernel
 from edge_stn.ops.sdnotify import Notifier
 from edge_stn.ops.supervisor import Supervisor
 from edge_stn.publish.client import MqttPublisher, PublishedResult, PublisherLimits
@@ -1037,6 +1038,7 @@ def run_daemon(config_path: str | Path) -> int:
     """
     cfg = load_config(config_path)
     configure_logging(cfg.log_format, config_secrets(cfg))
+    release_frames_to_the_kernel()
     stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
 
     def on_stop() -> None:
