@@ -101,7 +101,34 @@ def cmd_export(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         batch_profile=profile,
     )
+    if args.int8 and args.fp16:
+        raise UsageError("--int8 quantizes the fp32 model: it does not combine with --fp16")
+    if args.int8:
+        _need("onnxruntime", "cpu", "quantizing a model")
     result = export_model(Path(args.checkpoint), Path(args.out), opts)
+    print("\n".join(result.lines()))
+    if args.int8:
+        from edge_stn.export.quantize import quantize_model
+
+        print("\n".join(quantize_model(result.model_path).lines()))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    _need("onnx", "export", "quantizing a model")
+    _need("onnxruntime", "cpu", "quantizing a model")
+    from edge_stn.export.quantize import QuantizeOptions, quantize_model
+
+    if not 0.0 <= args.min_agreement <= 1.0:
+        raise UsageError(f"--min-agreement must be within 0-1, got {args.min_agreement}")
+    opts = QuantizeOptions(
+        calibration_samples=args.calibration,
+        seed=args.seed,
+        verify_samples=args.verify_samples,
+        min_agreement=args.min_agreement,
+        data_folder=Path(args.data_folder) if args.data_folder else None,
+    )
+    result = quantize_model(Path(args.model), Path(args.out) if args.out else None, opts)
     print("\n".join(result.lines()))
     return 0
 
@@ -370,7 +397,44 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MIN,OPT,MAX",
         help="TensorRT batch sizes for trtexec and the metadata (default 1,8,32)",
     )
+    x.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write OUT-int8.onnx, the INT8 build for CPU gateways (see edge-stn quantize)",
+    )
     x.set_defaults(func=cmd_export)
+
+    qz = sub.add_parser(
+        "quantize",
+        help="the INT8 build of an exported fp32 model for CPU gateways, verified against it",
+        description="Static INT8 (QDQ) quantization of the classifier; its first layer, the "
+        "localization net, theta, the grid and GridSample stay float. Calibrates on the training split of the "
+        "data set recorded in the model, verifies against the fp32 model on the test split "
+        "and writes nothing when the argmax agreement is below --min-agreement.",
+    )
+    qz.add_argument("model", help="the exported fp32 .onnx (with its sidecar .json)")
+    qz.add_argument("--out", help="the .onnx to write (default MODEL-int8.onnx)")
+    qz.add_argument(
+        "--calibration",
+        type=_positive_int,
+        default=1024,
+        help="training samples to calibrate on (default 1024)",
+    )
+    qz.add_argument("--seed", type=int, default=0, help="calibration draw seed (default 0)")
+    qz.add_argument(
+        "--verify-samples",
+        type=_positive_int,
+        default=5000,
+        help="test samples to verify on, rounded up to whole passes (default 5000)",
+    )
+    qz.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.98,
+        help="least argmax agreement with the fp32 model (default 0.98)",
+    )
+    qz.add_argument("--data-folder", help="the image folder of a model trained on one")
+    qz.set_defaults(func=cmd_quantize)
 
     v = sub.add_parser("synth-video", help="a test video of moving digits with ground truth")
     v.add_argument("--out", required=True, help="the video to write (.mp4)")

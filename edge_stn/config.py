@@ -29,7 +29,7 @@ import re
 import shutil
 import socket
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -58,7 +58,10 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RESERVED_IDS = frozenset({"status", "stats", "cam", "cmd"})
 
 BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo-stcnn.onnx"
-"""The model used when ``model.path`` is omitted (it ships in the wheel)."""
+"""The bundled demo model (fp32), used when ``model.path`` is omitted and a GPU provider can run
+it (it ships in the wheel)."""
+BUNDLED_DEMO_MODEL_INT8 = BUNDLED_DEMO_MODEL.with_name("demo-stcnn-int8.onnx")
+"""Its INT8 build (``edge-stn quantize``), used instead when ONNX Runtime runs on the CPU."""
 
 
 def check_id(value: str) -> str:
@@ -164,6 +167,32 @@ class CpuProvider(Section):
 
 ProviderName = Literal["tensorrt", "cuda", "cpu"]
 PROVIDER_NAMES: tuple[ProviderName, ...] = ("tensorrt", "cuda", "cpu")
+ORT_PROVIDERS: dict[ProviderName, str] = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+def _ort_providers() -> list[str]:
+    """The execution providers of the installed onnxruntime (none when it is missing)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
+def bundled_demo_model(
+    providers: Sequence[ProviderName], available: Sequence[str] | None = None
+) -> Path:
+    """The bundled demo model for these configured providers: its INT8 build when ONNX Runtime
+    will run on the CPU (no configured GPU provider is in this onnxruntime build, ``available``,
+    by default asked from onnxruntime), the fp32 model when a GPU provider is there (TensorRT
+    builds its own precisions from it; CUDA would only dequantize an INT8 one)."""
+    have = _ort_providers() if available is None else available
+    gpu = any(ORT_PROVIDERS[p] in have for p in providers if p != "cpu")
+    return BUNDLED_DEMO_MODEL if gpu else BUNDLED_DEMO_MODEL_INT8
 
 
 def _provider_shorthand(value: Any) -> Any:
@@ -251,7 +280,8 @@ class ModelConfig(Section):
     path: ConfigPath | None = Field(
         None,
         description="the exported .onnx (keep its sidecar .json beside it); "
-        "default: the bundled demo model",
+        "default: the bundled demo model, its INT8 build when ONNX Runtime runs on the CPU "
+        "(none of the configured GPU providers is in this onnxruntime build), fp32 otherwise",
     )
     sha256: str | None = Field(
         None,
@@ -292,8 +322,20 @@ class ModelConfig(Section):
 
     @property
     def model_path(self) -> Path:
-        """The model file to load: ``path`` or the bundled demo model (which may be absent)."""
-        return self.path if self.path is not None else BUNDLED_DEMO_MODEL
+        """The model file to load: ``path`` or the bundled demo model for the configured
+        providers (:func:`bundled_demo_model`; the file may be absent)."""
+        if self.path is not None:
+            return self.path
+        return bundled_demo_model([p.name for p in self.providers])
+
+    @property
+    def bundled_build(self) -> str | None:
+        """``"int8, CPU"`` or ``"fp32, GPU provider"`` for the bundled demo model, else None."""
+        if self.path is not None:
+            return None
+        if self.model_path == BUNDLED_DEMO_MODEL_INT8:
+            return "int8, CPU"
+        return "fp32, GPU provider"
 
     @property
     def is_bundled(self) -> bool:

@@ -310,6 +310,8 @@ class Daemon:
         notifier = notifier if notifier is not None else Notifier()
         if engine is None:
             verify_model_file(config.model)  # a refusal is one line, before any log or thread
+            if config.model.bundled_build:
+                logger.info("model: bundled demo (%s)", config.model.bundled_build)
             logger.info("loading the model %s", config.model.model_path)
             notifier.status(f"loading the model {config.model.model_path}")
             # a model that fails to load or warm up falls back to the last good one

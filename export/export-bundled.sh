@@ -15,7 +15,10 @@ shopt -s nullglob
 found=0
 for ckpt in models/*-stcnn.pt; do
     name=$(basename "$ckpt" .pt)
-    "$edge_stn" export "$ckpt" --out "edge_stn/assets/$name.onnx" --with-canonical
+    int8=()
+    # The daemon's default on the CPU is the demo model's INT8 build (edge-stn quantize).
+    [ "$name" = demo-stcnn ] && int8=(--int8)
+    "$edge_stn" export "$ckpt" --out "edge_stn/assets/$name.onnx" --with-canonical ${int8[@]+"${int8[@]}"}
     found=1
 done
 [ "$found" = 1 ] || { echo "$0: no models/*-stcnn.pt checkpoints to export" >&2; exit 2; }

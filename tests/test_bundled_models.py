@@ -20,6 +20,7 @@ BARS = {
     "tc-stcnn.onnx": ("tc", 10, 0.020),
     "rts-stcnn.onnx": ("rts", 10, 0.025),
     "demo-stcnn.onnx": ("windows", 2, 0.05),
+    "demo-stcnn-int8.onnx": ("windows", 2, 0.05),  # the daemon's default on the CPU
 }
 
 

@@ -14,9 +14,9 @@ import yaml
 from edge_stn import config as config_mod
 from edge_stn.cli import main
 from edge_stn.config import (
-    BUNDLED_DEMO_MODEL,
     DaemonConfig,
     TensorRTProvider,
+    bundled_demo_model,
     check_config,
     config_hash,
     load_config,
@@ -66,7 +66,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.mqtt.topic_prefix == "edge-stn"
     assert cfg.mqtt.password is None and cfg.mqtt.tls is None
     assert cfg.model.path is None and cfg.model.is_bundled
-    assert cfg.model.model_path == BUNDLED_DEMO_MODEL
+    assert cfg.model.model_path == bundled_demo_model(["tensorrt", "cuda", "cpu"])
     assert [p.name for p in cfg.model.providers] == ["tensorrt", "cuda", "cpu"]
     trt = cfg.model.providers[0]
     assert isinstance(trt, TensorRTProvider)

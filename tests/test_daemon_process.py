@@ -22,7 +22,7 @@ from mqtt_broker import Mosquitto, Subscriber, wait_until
 from test_video import write_video
 
 from edge_stn.cli import main
-from edge_stn.config import config_hash, load_config
+from edge_stn.config import ModelConfig, config_hash, load_config
 from edge_stn.runtime.metadata import file_sha256
 
 pytest.importorskip("onnxruntime")
@@ -355,7 +355,7 @@ def test_sigterm_while_a_reload_loads_a_model_publishes_offline(
     assert statuses(sub)[-1]["reason"] == "stop"
     assert "a model load still in progress is abandoned" in log and "swapped in" not in log
     assert "Traceback" not in log
-    sha = file_sha256(DEMO_MODEL)
+    sha = file_sha256(ModelConfig().model_path)  # the default: the bundled demo model's build
     assert {r["model"]["sha256"] for r in results(sub)} == {sha}
 
 

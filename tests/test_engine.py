@@ -192,6 +192,7 @@ def test_missing_and_corrupt_files(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ModelError, match="no such model file"):
         Engine(cpu_config(tmp_path / "nope.onnx"))
     monkeypatch.setattr(config_mod, "BUNDLED_DEMO_MODEL", tmp_path / "demo-stcnn.onnx")
+    monkeypatch.setattr(config_mod, "BUNDLED_DEMO_MODEL_INT8", tmp_path / "demo-stcnn-int8.onnx")
     with pytest.raises(ModelError, match="bundled demo model is not installed"):
         Engine(ModelConfig(providers=["cpu"]))
     junk = tmp_path / "junk.onnx"

@@ -10,6 +10,7 @@ canonical angle). The scenes use the shipped test-split digits and seeds no trai
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,12 @@ def test_unit_rotation_error_removes_the_mean_angle() -> None:
 
 
 def test_targets_on_default_synth_video_through_a_real_broker(
-    mosquitto: Mosquitto, tmp_path: Path, scenes: list[tuple[Path, dict[str, Any]]]
+    mosquitto: Mosquitto,
+    tmp_path: Path,
+    scenes: list[tuple[Path, dict[str, Any]]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """The daemon's default model: on a CPU-only machine the demo model's INT8 build."""
     from edge_stn.config import load_config
     from edge_stn.daemon import Daemon
 
@@ -82,7 +87,11 @@ def test_targets_on_default_synth_video_through_a_real_broker(
     sub = Subscriber(mosquitto, ["edge-stn/gw-targets/cam/+/result"])
     expected = FRAMES * len(scenes)
     try:
-        daemon = Daemon(load_config(cfg), config_path=cfg)
+        config = load_config(cfg)
+        with caplog.at_level(logging.INFO, logger="edge_stn.daemon"):
+            daemon = Daemon(config, config_path=cfg)
+        assert f"model: bundled demo ({config.model.bundled_build})" in caplog.text
+        print(f"\nmodel {daemon.engine.path.name} ({config.model.bundled_build})")
         assert daemon.run(install_signals=False) == 0
         wait_until(lambda: len(sub.on(lambda m: True)) >= expected, 30)
         results = [json.loads(m.payload) for m in sub.on(lambda m: True)]

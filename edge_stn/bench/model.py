@@ -1,5 +1,7 @@
 """Section 1: the model alone. ONNX Runtime (CPU) against PyTorch eager (``inference_mode``) on
-the same weights, the same input and the same thread count, at batch 1, 8 and 32.
+the same weights, the same input and the same thread count, at batch 1, 8 and 32; beside them
+the model's INT8 build on ONNX Runtime (``<model>-int8.onnx``, what the daemon runs by default on
+the CPU) when it exists, labelled as such: other weights, so no part of the fp32 comparison.
 
 Both runtimes get the same float32 windows and compute every output (logits, theta and the
 canonical crop of the bundled demo model). Within a repeat the two alternate in short slices
@@ -24,8 +26,9 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_stn.bench.summary import spread
-from edge_stn.config import CpuProvider, ModelConfig
+from edge_stn.config import BUNDLED_DEMO_MODEL, CpuProvider, ModelConfig
 from edge_stn.runtime.engine import Engine
+from edge_stn.runtime.metadata import int8_path
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +105,12 @@ def bench_model(
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Crops/s of both runtimes per thread count, batch size and repeat, their ratio, and the
-    largest difference of their logits on the same input (the same weights agree to ~1e-5)."""
+    largest difference of their logits on the same input (the same weights agree to ~1e-5).
+    The fp32 file is ``model.path`` or the bundled demo model's fp32 build, whatever the daemon
+    would pick on this machine; its INT8 build is timed too when it exists."""
     base = model or ModelConfig()
+    fp32 = base.path if base.path is not None else BUNDLED_DEMO_MODEL
+    int8 = int8_path(fp32) if int8_path(fp32).is_file() else None
     skip = torch_skip_reason(checkpoint)
     torch: Any = None
     torch_model: Any = None
@@ -120,10 +127,14 @@ def bench_model(
     engine: Engine | None = None
     for threads in thread_counts:
         cfg = ModelConfig(
-            path=base.path, sha256=base.sha256, providers=[CpuProvider()], intra_op_threads=threads
+            path=fp32, sha256=base.sha256, providers=[CpuProvider()], intra_op_threads=threads
         )
         engine = Engine(cfg)
         session = engine.session
+        session_int8 = None
+        if int8 is not None:
+            cfg8 = ModelConfig(path=int8, providers=[CpuProvider()], intra_op_threads=threads)
+            session_int8 = Engine(cfg8).session
         rng = np.random.default_rng(0)
         c, (h, w) = engine.channels, engine.input_size
         inputs: dict[int, npt.NDArray[np.float32]] = {
@@ -150,6 +161,12 @@ def bench_model(
                     return session.run(None, feed)
 
                 calls["onnxruntime"] = ort
+                if session_int8 is not None:
+
+                    def ort8(session: Any = session_int8, feed: dict[str, Any] = feed) -> object:
+                        return session.run(None, feed)
+
+                    calls["onnxruntime_int8"] = ort8
                 if torch_model is not None:
                     xt = torch.from_numpy(inputs[b])
 
@@ -169,6 +186,8 @@ def bench_model(
                     f"model: {threads} thread(s), repeat {r + 1}/{repeats}, batch {b:2d}: "
                     f"onnxruntime {f['onnxruntime_crops_s'][-1]:7.0f} crops/s"
                 )
+                if "onnxruntime_int8" in timers:
+                    line += f", int8 {f['onnxruntime_int8_crops_s'][-1]:7.0f} crops/s"
                 if "torch" in timers:
                     f.setdefault("ratio", []).append(
                         f["onnxruntime_crops_s"][-1] / f["torch_crops_s"][-1]
@@ -188,6 +207,8 @@ def bench_model(
                 "ratio",
                 "onnxruntime_crops_per_cpu_s",
                 "torch_crops_per_cpu_s",
+                "onnxruntime_int8_crops_s",
+                "onnxruntime_int8_crops_per_cpu_s",
             ):
                 row[key] = spread(f[key]) if key in f else None
             rows.append(row)
@@ -197,6 +218,7 @@ def bench_model(
     return {
         "model": engine.name,
         "onnx": _shown(engine.path),
+        "onnx_int8": _shown(int8) if int8 is not None else None,
         "checkpoint": _shown(checkpoint) if torch_model is not None else None,
         "input": [c, h, w],
         "thread_counts": list(thread_counts),

@@ -107,11 +107,18 @@ def markdown(doc: dict[str, Any], command: str | None = None) -> str:
             )
             + "Crops per CPU-second: crops per second of CPU time of all the process's threads "
             "(what a crop costs the machine)."
+            + (
+                f" INT8: the model's INT8 build `{model['onnx_int8']}` on ONNX Runtime, timed in "
+                "the same slices (other weights: not part of the PyTorch comparison; the daemon's "
+                "default on the CPU)."
+                if model.get("onnx_int8")
+                else ""
+            )
         )
         lines.append("")
         lines += _table(
             ["threads", "batch", "ONNX Runtime crops/s", "PyTorch crops/s", "ratio",
-             "ONNX Runtime crops/CPU-s", "PyTorch crops/CPU-s"],
+             "ONNX Runtime crops/CPU-s", "PyTorch crops/CPU-s", "ONNX Runtime INT8 crops/s"],
             [
                 [
                     str(run["threads"]),
@@ -121,6 +128,7 @@ def markdown(doc: dict[str, Any], command: str | None = None) -> str:
                     fmt(r["ratio"], 2, "x"),
                     fmt(r["onnxruntime_crops_per_cpu_s"]),
                     fmt(r["torch_crops_per_cpu_s"]),
+                    fmt(r.get("onnxruntime_int8_crops_s")),
                 ]
                 for run in model["runs"]
                 for r in run["batches"]

@@ -16,7 +16,7 @@ from typing import Any
 from edge_stn.runtime.metadata import SCHEMA_VERSION, validate_document
 
 
-def _created() -> str:
+def created_now() -> str:
     # SOURCE_DATE_EPOCH makes re-exports byte-identical (reproducible builds).
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     when = (
@@ -114,7 +114,7 @@ def build_document(
         "precision": precision,
         "tensorrt": tensorrt,
         "training": training,
-        "created": _created(),
+        "created": created_now(),
         "producer": producer,
     }
     return validate_document(json.loads(json.dumps(doc)))

@@ -10,9 +10,9 @@ torch >= 2.9: its DeprecationWarnings are silenced for the one call that uses it
 future torch drop it, the export fails with a message saying so. Whatever the exporter does, the
 file is read back and checked against the contract (:mod:`edge_stn.export.contract`).
 
-Atomicity: the model and its sidecar are written to hidden temporary files beside the target,
-verified there, and renamed into place only when every check passed; a failed export leaves
-nothing behind (and an older model of the same name untouched).
+Atomicity (:mod:`edge_stn.export.files`): the model and its sidecar are written to hidden
+temporary files beside the target, verified there, and renamed into place only when every check
+passed; a failed export leaves nothing behind (and an older model of the same name untouched).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,7 @@ from edge_stn.export.contract import (
     default_opset,
 )
 from edge_stn.export.document import build_document, sidecar_document
+from edge_stn.export.files import check_output_path, staged_model
 from edge_stn.export.fp16 import convert_to_fp16, geometry_nodes
 from edge_stn.export.recipes import BatchProfile, next_steps
 from edge_stn.export.trt_report import TrtReport, tensorrt_report
@@ -111,32 +110,6 @@ def check_opset(opset: int, allow_opset_20: bool) -> None:
         f"unsupported opset {opset}: choose {MIN_OPSET}-{MAX_TRT_OPSET} (default {DEFAULT_OPSET}; "
         f"GridSample needs {MIN_OPSET}), or {MAX_OPSET} with --allow-opset-20"
     )
-
-
-def check_output_path(out: Path) -> Path:
-    """The target must be a ``.onnx`` file in an existing, writable folder."""
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise ExportError(
-            "the output must be a .onnx file (its sidecar takes the same name with .json)", path=out
-        )
-    if out.is_dir():
-        raise ExportError("the output is a folder; name a .onnx file", path=out)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        what = "is not a folder" if parent.exists() else "does not exist"
-        raise ExportError(f"the output folder {what}", path=parent)
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".probe"):
-            pass
-    except OSError as exc:
-        raise ExportError(
-            f"cannot write in the output folder: {exc.strerror or exc}", path=parent
-        ) from None
-    for existing in (out, sidecar_path(out)):
-        if existing.exists() and not os.access(existing, os.W_OK):
-            raise ExportError("an existing file cannot be replaced (not writable)", path=existing)
-    return out
 
 
 class _ExportGraph(nn.Module):
@@ -289,13 +262,6 @@ def _stored_images(ckpt: dict[str, Any], chw: tuple[int, int, int], path: Path) 
     return np.ascontiguousarray(arr)
 
 
-def _write(path: Path, data: bytes) -> None:
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _producer(ckpt: dict[str, Any], verify: bool) -> dict[str, Any]:
     producer: dict[str, Any] = {
         "edge_stn": __version__,
@@ -362,35 +328,19 @@ def export_model(checkpoint: Path, out: Path, options: ExportOptions | None = No
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(doc, separators=(",", ":"))})
     data = proto.SerializeToString()
 
-    side = sidecar_path(out)
-    tmp_model = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp_side = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-    try:
-        try:
-            _write(tmp_model, data)
-        except OSError as exc:
-            raise ExportError(f"cannot write the model: {exc.strerror or exc}", path=out) from None
-        result = _check_written(tmp_model, out, src, opts, doc, notes)
+    with staged_model(out) as stage:
+        stage.write_model(data)
+        result = _check_written(stage.model, out, src, opts, doc, notes)
         verification = {**result.verification.to_json(), "tensorrt": result.trt.to_json()}
-        side_doc = sidecar_document(
-            doc,
-            model_name=out.name,
-            sha256=result.sha256,
-            size=result.size,
-            verification=verification,
+        stage.commit(
+            sidecar_document(
+                doc,
+                model_name=out.name,
+                sha256=result.sha256,
+                size=result.size,
+                verification=verification,
+            )
         )
-        try:
-            _write(tmp_side, (json.dumps(side_doc, indent=1) + "\n").encode())
-            if side.exists():  # never a new model beside a stale sidecar, even for a moment
-                side.unlink()
-            os.replace(tmp_model, out)
-            os.replace(tmp_side, side)
-        except OSError as exc:
-            raise ExportError(f"cannot write the model: {exc.strerror or exc}", path=out) from None
-    finally:
-        for tmp in (tmp_model, tmp_side):
-            if tmp.exists():
-                tmp.unlink()
     result.next_steps = next_steps(
         out,
         src.chw,

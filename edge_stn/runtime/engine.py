@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from edge_stn.config import BatchProfileConfig, ModelConfig, ProviderName, TensorRTProvider
+from edge_stn.config import ORT_PROVIDERS, BatchProfileConfig, ModelConfig, TensorRTProvider
 from edge_stn.errors import (
     ConfigError,
     DTypeError,
@@ -41,11 +42,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ORT_PROVIDERS: dict[ProviderName, str] = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
 CPU = ORT_PROVIDERS["cpu"]
 CPU_MAX_BATCH = 32
 """Largest batch given to the CPU provider at once (bigger ones are split)."""
@@ -64,6 +60,33 @@ def import_onnxruntime() -> Any:
             hint="or 'edge-stn[gpu]' on a machine with CUDA; never both",
         ) from None
     return onnxruntime
+
+
+@dataclass(frozen=True)
+class InputScaling:
+    """uint8 windows -> the model's float input, as the metadata's ``input`` says:
+    ``x * pixel_scale``, then ``(x - mean) / std`` per channel. The one definition, shared by
+    the runtime and by whatever feeds a model offline (INT8 calibration and its verification)."""
+
+    scale: np.float32
+    mean: npt.NDArray[np.float32]  # (C or 1, 1, 1)
+    std: npt.NDArray[np.float32]
+
+    @classmethod
+    def from_metadata(cls, inp: dict[str, Any], *, path: Path | None = None) -> InputScaling:
+        c = int(inp["channels"])
+        mean = np.asarray(inp["mean"], dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(inp["std"], dtype=np.float32).reshape(-1, 1, 1)
+        for name, v in (("mean", mean), ("std", std)):
+            if v.shape[0] not in (1, c):
+                raise ModelError(
+                    f"input.{name} has {v.shape[0]} values for {c} channels", path=path
+                )
+        return cls(np.float32(inp["pixel_scale"]), mean, std)
+
+    def __call__(self, images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        x = images.astype(np.float32) * self.scale
+        return np.asarray((x - self.mean) / self.std, dtype=np.float32)
 
 
 def _flag(value: bool) -> str:
@@ -218,14 +241,7 @@ class Engine:
             int(stn["output_width"]),
         )
         c = self.channels
-        self._scale = np.float32(inp["pixel_scale"])
-        self._mean = np.asarray(inp["mean"], dtype=np.float32).reshape(-1, 1, 1)
-        self._std = np.asarray(inp["std"], dtype=np.float32).reshape(-1, 1, 1)
-        for name, v in (("mean", self._mean), ("std", self._std)):
-            if v.shape[0] not in (1, c):
-                raise ModelError(
-                    f"input.{name} has {v.shape[0]} values for {c} channels", path=self.path
-                )
+        self._scaling = InputScaling.from_metadata(inp, path=self.path)
 
         self.batch_profile = _profile_from_metadata(doc)
         available = list(ort.get_available_providers())
@@ -407,9 +423,7 @@ class Engine:
             raise ShapeError("images", images.shape, expected)
         if images.dtype != np.uint8:
             raise DTypeError("images", images.dtype, "uint8")
-        x = images.astype(np.float32) * self._scale
-        x = (x - self._mean) / self._std
-        return x.astype(self._input_dtype, copy=False)
+        return self._scaling(images).astype(self._input_dtype, copy=False)
 
     def infer(
         self, images: npt.NDArray[np.uint8]

@@ -50,6 +50,13 @@ def sidecar_path(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(SIDECAR_SUFFIX)
 
 
+def int8_path(model_path: str | Path) -> Path:
+    """``model.onnx`` -> ``model-int8.onnx``: where ``edge-stn quantize`` (and ``edge-stn export
+    --int8``) write a model's INT8 build."""
+    p = Path(model_path)
+    return p.with_name(f"{p.stem}-int8.onnx")
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with Path(path).open("rb") as fh:
