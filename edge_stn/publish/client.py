@@ -334,8 +334,9 @@ class PackedProperties(Properties):
         start = 1  # past the Variable Byte Integer length
         while packed[start - 1] & 0x80:
             start += 1
-        body = packed[start:] + b"".join(b"\x26" + _utf8(k) + _utf8(v) for k, v in pairs)
-        out = copy.copy(self)
+        body = packed[start:] + b"".join([b"\x26" + _utf8(k) + _utf8(v) for k, v in pairs])
+        out = object.__new__(type(self))  # copy.copy, at a tenth of the cost
+        out.__dict__.update(self.__dict__)
         out.__dict__["UserProperty"] = [*self.__dict__.get("UserProperty", []), *pairs]
         out.__dict__["_packed"] = _varint(len(body)) + body
         return out
