@@ -47,6 +47,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -161,8 +162,9 @@ class NewResult:
     kind: Kind = "result"
     next_track_id: int | None = None
 
-    @property
+    @cached_property
     def size(self) -> int:
+        """Bytes of its payloads (asked for when it is handed over and when it is stored)."""
         return len(self.payload or b"") + sum(len(c.payload) for c in self.crops)
 
 
