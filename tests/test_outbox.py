@@ -21,11 +21,13 @@ from edge_stn.cli import main
 from edge_stn.config import check_config, parse_config
 from edge_stn.errors import ConfigError
 from edge_stn.publish.outbox import (
+    AGE_CHECK_S,
     CODE_DISCONNECTS,
     NewCrop,
     NewResult,
     Outbox,
     OutboxError,
+    Refusal,
     Settlement,
 )
 
@@ -265,6 +267,61 @@ def test_old_rows_are_shed_by_age(tmp_path: Path) -> None:
         report = ob.write([result(2, crops=1)])
         assert (report.shed["result"], report.shed["crop"]) == (2, 2)
         assert [m.seq for m in ob.read(0, 10) if m.kind == "result"] == [2]
+
+
+def test_a_write_reports_the_rows_it_stored_exactly_as_committed(tmp_path: Path) -> None:
+    # the publisher hands these to MQTT without reading them back: they must be the rows
+    with Outbox(tmp_path / "ob.sqlite") as ob:
+        refused = replace(
+            result(1),
+            payload=None,
+            refusals=(Refusal("result", "cam0", 1, "rcam01", "t", 9, 0x95, "too large", b"{}"),),
+        )
+        track = replace(result(0, "cam1", crops=1), kind="track", next_track_id=4)
+        first = ob.write([result(0, crops=2), refused, track, result(2)])
+        assert first.stored == ob.read(0, 100), "every stored row, oldest first, as stored"
+        assert [(m.kind, m.seq) for m in first.stored] == [
+            ("result", 0), ("crop", None), ("crop", None),
+            ("track", None), ("crop", None),
+            ("result", 2),
+        ]  # fmt: skip
+        assert first.stored[1].user_properties == (("label", "7"),)
+        last = first.stored[-1].row
+        acked = [Settlement(m.row, 0) for m in first.stored[:3]]
+        second = ob.write([result(3, crops=1)], acked)
+        assert second.stored == ob.read(last + 1, 100) and len(second.stored) == 2
+        assert not second.reshaped
+        assert not ob.write(settlements=[Settlement(m.row, 0) for m in second.stored]).stored
+
+
+def test_a_write_whose_policy_changes_stored_rows_lists_none(tmp_path: Path) -> None:
+    # a shed crop rewrites its result: copies held outside the outbox are stale then
+    with Outbox(tmp_path / "ob.sqlite", max_bytes=512 * 1024) as ob:
+        seq = 0
+        while True:
+            report = ob.write([result(seq, crops=2, crop_bytes=6000)])
+            seq += 1
+            if report.shed["crop"]:
+                break
+            assert report.stored and not report.reshaped
+            assert seq < 500
+        assert report.reshaped and report.stored == []
+        kept = [json.loads(m.payload) for m in ob.read(0, 100_000) if m.kind == "result"]
+        assert any(d["crop_status"] == "shed" for doc in kept for d in doc["detections"])
+
+
+def test_the_age_policy_looks_at_most_every_age_check_s(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "ob.sqlite", max_age_s=60) as ob:
+        t = time.time()
+        ob.write([replace(result(0), created=t - 59.5)], now=t)  # young enough: kept
+        assert not ob.write([replace(result(1), created=t)], now=t + 0.9).shed["result"]
+        assert [m.seq for m in ob.read(0, 10)] == [0, 1], "looked less than AGE_CHECK_S ago"
+        report = ob.write([replace(result(2), created=t)], now=t + AGE_CHECK_S)
+        assert report.shed["result"] == 1 and report.reshaped
+        assert [m.seq for m in ob.read(0, 10)] == [1, 2]
+        # a clock that went back looks again at once (here: 100 s after a row made at t - 200)
+        report = ob.write([replace(result(3), created=t - 200)], now=t - 100)
+        assert report.shed["result"] == 1 and [m.seq for m in ob.read(0, 10)] == [1, 2]
 
 
 WRITER = textwrap.dedent(

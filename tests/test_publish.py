@@ -262,6 +262,12 @@ def test_encoding_is_compact_deterministic_and_refuses_nan() -> None:
         payloads.status_online(info, math.nan)
     with pytest.raises(PayloadError):
         payloads.encode({"x": math.inf})
+    # numbers are named only when one is wrong, and then down to the element
+    assert payloads._nums("q", [[1.23456, -0.0001], [2, 3.5]], 3) == [[1.235, 0.0], [2.0, 3.5]]
+    with pytest.raises(PayloadError, match=r"^det\.quad\[1\]\[0\] must be finite, got inf$"):
+        payloads._nums("det.quad", [[1.0, 2.0], [math.inf, 0.0]], 2)
+    with pytest.raises(PayloadError, match=r"^box\[2\] must be a number, got True$"):
+        payloads._nums("box", [1.0, 2.0, True], 2)
     assert len(payloads.new_epoch()) == 16
     assert payloads.new_result_id() != payloads.new_result_id()
 

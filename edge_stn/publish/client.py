@@ -9,15 +9,19 @@ How a result travels:
 2. The sender thread (``edge-stn.outbox``) commits what it was handed to the
    :class:`~edge_stn.publish.outbox.Outbox` (SQLite, WAL) in one transaction per detector batch
    (``flush``) or at most ``commit_group_s`` after the first result of a group; only then it
-   hands rows to paho, oldest first, at most ``max_inflight`` at a time (paho's window). It is
-   the only thread that calls ``publish()`` (results, crops, status and stats) and the only
-   thread that touches the outbox.
+   hands rows to paho, oldest first, at most ``max_inflight`` at a time (paho's window). The
+   rows a commit stored come back from :meth:`~edge_stn.publish.outbox.Outbox.write` as
+   committed, and the sender hands them from memory (the newest :data:`HELD_ROWS`); rows it
+   does not hold (left by a previous run, a backlog beyond that, everything after a fresh
+   client) are read back from the outbox. It is the only thread that calls ``publish()``
+   (results, crops, status and stats) and the only thread that touches the outbox.
 3. paho's network thread reports each PUBACK in ``on_publish``: a reason code below 0x80 deletes
    the row, 0x80 and above moves it to the dead letters with its code (an ACL denial, quota,
-   size). On a plain reconnect paho resends what it holds in flight itself, so the sender does
-   not send it again; rows that never reached paho stay in the outbox, on disk, until the
-   connection is back. At start-up the rows left by the previous process are replayed into the
-   fresh client.
+   size), in the sender's next write: with the next results, or :data:`SETTLE_GROUP_S` after
+   the PUBACK at the latest. On a plain reconnect paho resends what it holds in flight itself,
+   so the sender does not send it again; rows that never reached paho stay in the outbox, on
+   disk, until the connection is back. At start-up the rows left by the previous process are
+   replayed into the fresh client.
 
 Message ids map to rows in ``_inflight`` under one lock that ``on_publish`` shares. paho calls
 ``on_publish`` while holding its own message lock, and can do so before ``publish()`` returns;
@@ -42,12 +46,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 import socket
 import ssl
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -99,8 +105,19 @@ MAINTENANCE_S = 1.0
 """The sender applies the age policy and refreshes the outbox's state this often."""
 SHED_LOG_S = 10.0
 
+SETTLE_GROUP_S = 0.1
+"""Acknowledged rows are deleted with the next write of new results, or at most this long after
+the first acknowledgement: a transaction (and a wake-up of the sender) per PUBACK otherwise.
+A row deleted late is at worst sent again after a crash, which QoS 1 allows."""
+
 STATE_REFRESH_S = 0.25
 """How often the sender refreshes the outbox state that stats and health read."""
+
+HELD_ROWS = 256
+"""The sender keeps the rows it committed and has not handed to paho yet in memory, the newest
+at most this many (and :data:`HELD_BYTES`), and hands them from there; older rows are read back
+from the outbox."""
+HELD_BYTES = 4 * 1024 * 1024
 
 # CONNACK reason codes (paho maps 3.1.1 return codes onto these v5 values) -> what to check.
 _CONNACK_HINTS = {
@@ -276,12 +293,78 @@ def packet_size(topic: str, payload_len: int, props: Properties | None) -> int:
     return 1 + _varint_len(body) + body
 
 
-def _props(packet: int, content_type: str, *, json: bool) -> Properties:
-    props = Properties(packet)
+def _varint(n: int) -> bytes:
+    """MQTT's Variable Byte Integer."""
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | 0x80 if n else digit)
+        if not n:
+            return bytes(out)
+
+
+def _utf8(text: str) -> bytes:
+    """An MQTT UTF-8 Encoded String: two bytes of length, then the bytes."""
+    data = text.encode("utf-8")
+    return len(data).to_bytes(2, "big") + data
+
+
+class PackedProperties(Properties):
+    """MQTT v5 properties that are packed once. paho packs a message's properties each time it
+    sends it, walking every property name it knows (tens of microseconds, for every result and
+    crop); ours are made once (JSON, JPEG) or once per crop. Setting a property drops the
+    packed form, so a copy may be changed (a reply's correlation data)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__.pop("_packed", None)
+
+    def pack(self) -> bytes:
+        packed: bytes | None = self.__dict__.get("_packed")
+        if packed is None:
+            packed = self.__dict__["_packed"] = bytes(super().pack())
+        return packed
+
+    def with_user(self, user: Sequence[tuple[str, str]]) -> PackedProperties:
+        """A copy with these user properties added, packed from this one's packed form:
+        User Property (0x26) comes last among PUBLISH properties in paho's order, so the bytes
+        are paho's; without paho's checks of the name on every assignment."""
+        pairs = [(str(k), str(v)) for k, v in user]
+        packed = self.pack()
+        start = 1  # past the Variable Byte Integer length
+        while packed[start - 1] & 0x80:
+            start += 1
+        body = packed[start:] + b"".join([b"\x26" + _utf8(k) + _utf8(v) for k, v in pairs])
+        out = object.__new__(type(self))  # copy.copy, at a tenth of the cost
+        out.__dict__.update(self.__dict__)
+        out.__dict__["UserProperty"] = [*self.__dict__.get("UserProperty", []), *pairs]
+        out.__dict__["_packed"] = _varint(len(body)) + body
+        return out
+
+
+def _props(packet: int, content_type: str, *, json: bool) -> PackedProperties:
+    props = PackedProperties(packet)
     if json:
         props.PayloadFormatIndicator = 1
     props.ContentType = content_type
     return props
+
+
+class _PahoLog(logging.Logger):
+    """What paho logs, formatted only when it is written: paho formats each line itself for an
+    ``on_log`` callback (a PUBLISH's properties included, on every send and PUBACK), but hands
+    a logger the format and its arguments. An exception in one of our callbacks is an error;
+    the rest (every failed retry included: our callbacks say what matters, once) is debug."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        text = str(msg)
+        if level >= logging.ERROR and text.startswith("Caught exception"):
+            logger.error("MQTT: " + text, *args)  # a bug in a callback of ours
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("paho: " + text, *args)
+
+
+_PAHO_LOG = _PahoLog(f"{__name__}.paho")
 
 
 def disable_nagle(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -343,6 +426,7 @@ class MqttPublisher:
         self._flush_due: float | None = None
         # what the network thread reports to the sender
         self._settled: list[Settlement] = []
+        self._settle_due: float | None = None  # when the settlements are written at the latest
         self._strikes: list[int] = []
         self._refusals: list[tuple[int, int, str]] = []
         self._stats_out: list[bytes] = []
@@ -358,6 +442,11 @@ class MqttPublisher:
         self._next_row = 0
         """the next row to hand to paho: rows below it are in paho's hands or gone."""
         self._last_row = 0
+        # rows committed and not handed yet, oldest first (sender thread only): handed from here
+        # without reading them back; every stored row from _held_from on is in _held
+        self._held: deque[StoredMessage] = deque()
+        self._held_bytes = 0
+        self._held_from = 0
         self._hand_paused_until = 0.0
         self._broker_max_packet: int | None = None
         # the outbox as the sender last saw it
@@ -438,7 +527,7 @@ class MqttPublisher:
             clean_session=None if self._v5 else True,
         )
         # paho logs every failed retry as an error; our callbacks say what matters, once.
-        client.on_log = self._on_log
+        client.enable_logger(_PAHO_LOG)
         # An exception in a callback is logged, never allowed to end the network thread.
         client.suppress_exceptions = True
         client.max_inflight_messages_set(self.limits.max_inflight)
@@ -491,12 +580,9 @@ class MqttPublisher:
         return self._props_json_will if will else self._props_json
 
     def _crop_props(self, user: Sequence[tuple[str, str]]) -> Properties | None:
-        if self._props_jpeg is None:
-            return None
-        props = copy.copy(self._props_jpeg)  # the template's tables are shared, read-only
-        if user:
-            props.UserProperty = list(user)
-        return props
+        if self._props_jpeg is None or not user:
+            return self._props_jpeg
+        return self._props_jpeg.with_user(user)  # the template is shared, never changed
 
     # ------------------------------------------------------------ life cycle
 
@@ -531,6 +617,7 @@ class MqttPublisher:
         )
         self._next_row = self.outbox.first_row()
         self._last_row = self.outbox.last_row()
+        self._held_from = self._last_row + 1  # what the previous run left is read back
         if self._outbox_rows:
             logger.info(
                 "outbox: replaying %d messages left by the previous run (epoch %s)",
@@ -946,7 +1033,7 @@ class MqttPublisher:
         """(lock held) whether the sender has something to do."""
         return bool(
             self._stopping
-            or self._settled
+            or (self._settled and self._settle_due is not None and self._settle_due <= now)
             or self._strikes
             or self._refusals
             or self._stats_out
@@ -975,6 +1062,11 @@ class MqttPublisher:
                     wake_at = next_maintenance
                     if self._flush_due is not None:
                         wake_at = min(wake_at, self._flush_due)
+                    if self._settle_due is not None:
+                        wake_at = min(wake_at, self._settle_due)
+                    elif self._rows_inflight and self._connected.is_set():
+                        # a PUBACK may come meanwhile, and it does not wake us
+                        wake_at = min(wake_at, now + SETTLE_GROUP_S)
                     if self._hand_paused_until > now:
                         wake_at = min(wake_at, self._hand_paused_until)
                     if backoff_until > now:
@@ -985,9 +1077,13 @@ class MqttPublisher:
                 waiting = self._waiting if take else []
                 if take:
                     self._waiting, self._flush_due = [], None
-                settled, self._settled = self._settled, []
                 strikes, self._strikes = self._strikes, []
                 refusals, self._refusals = self._refusals, []
+                settled: list[Settlement] = []
+                # settlements go with any write, or on their own when due (SETTLE_GROUP_S)
+                due = self._settle_due is not None and self._settle_due <= now
+                if take or strikes or refusals or due or now >= next_maintenance:
+                    settled, self._settled, self._settle_due = self._settled, [], None
                 stats, self._stats_out = self._stats_out, []
                 replies, self._replies_out = self._replies_out, []
                 online = self._need_online and self._connected.is_set() and not stopping
@@ -1036,6 +1132,8 @@ class MqttPublisher:
             with self._wake:
                 self._waiting[:0] = waiting
                 self._settled[:0] = settled
+                if self._settled:
+                    self._settle_due = time.monotonic()
                 self._strikes[:0] = strikes
                 self._refusals[:0] = refusals
                 if waiting:
@@ -1046,7 +1144,7 @@ class MqttPublisher:
             return False
         if report.commit_ms is not None:
             self.commit_ms.add(report.commit_ms)
-        last_row = self.outbox.last_row()
+        last_row = self._hold(report)
         # The state (a query and two stat calls) feeds stats and health: refreshed a few times a
         # second, and at once when the budget or a refusal changed the outbox.
         now = time.monotonic()
@@ -1084,6 +1182,43 @@ class MqttPublisher:
                 self._renew = True
         self._log_shed(report)
         return True
+
+    def _hold(self, report: WriteReport) -> int:
+        """Keep the rows a write stored for the hand-over, the newest :data:`HELD_ROWS` and
+        :data:`HELD_BYTES`; returns the newest row. The outbox lists them only once committed,
+        so what paho gets is on disk first (DESIGN §7) either way."""
+        held = self._held
+        if report.reshaped:  # the policy deleted or rewrote rows: what is held may be stale
+            held.clear()
+            self._held_bytes = 0
+            last_row = self.outbox.last_row()
+            self._held_from = last_row + 1
+            return last_row
+        for msg in report.stored:
+            held.append(msg)
+            self._held_bytes += len(msg.payload)
+        trimmed = False
+        while held and (len(held) > HELD_ROWS or self._held_bytes > HELD_BYTES):
+            self._held_bytes -= len(held.popleft().payload)
+            trimmed = True
+        last_row = max(self._last_row, report.stored[-1].row) if report.stored else self._last_row
+        if trimmed:
+            self._held_from = held[0].row if held else last_row + 1
+        return last_row
+
+    def _rows_from(self, start: int, limit: int) -> list[StoredMessage]:
+        """Up to ``limit`` stored rows from ``start`` on, oldest first: read back from the
+        outbox below what is held (rows left by a previous run, a backlog beyond what is held,
+        every row after a fresh client), from memory from there on."""
+        if start < self._held_from:
+            rows = self.outbox.read(start, limit, before=self._held_from)
+            if rows:
+                return rows
+            start = self._held_from  # nothing is stored below what is held
+        held = self._held
+        while held and held[0].row < start:
+            self._held_bytes -= len(held.popleft().payload)
+        return list(itertools.islice(held, limit))
 
     def _log_shed(self, report: WriteReport) -> None:
         """Shedding is logged at most every ``SHED_LOG_S`` seconds, with the sums since."""
@@ -1123,7 +1258,7 @@ class MqttPublisher:
                 start = self._next_row
             if room <= 0:
                 return
-            rows = self.outbox.read(start, room)
+            rows = self._rows_from(start, room)
             if not rows:
                 with self._lock:
                     self._next_row = max(self._next_row, self._last_row + 1)
@@ -1242,9 +1377,14 @@ class MqttPublisher:
                 counts.refused += 1
         else:
             counts.acked += 1
+        if item.row is None or self._next_row <= self._last_row:
+            # someone waits for this message, or the sender for room in paho's window
+            self._wake.notify_all()
         if item.row is not None:
-            self._settled.append(Settlement(item.row, reason.value, _reason_text(reason)))
-        self._wake.notify_all()
+            text = _reason_text(reason) if reason.is_failure else ""  # kept for dead letters
+            self._settled.append(Settlement(item.row, reason.value, text))
+            if self._settle_due is None:
+                self._settle_due = time.monotonic() + SETTLE_GROUP_S
         return bool(reason.is_failure)
 
     def _renew_client(self) -> None:
@@ -1259,6 +1399,10 @@ class MqttPublisher:
             self._early.clear()
             self._rows_inflight = 0
             self._next_row = 0
+            # every row is read back: what is held may have been handed and settled since
+            self._held.clear()
+            self._held_bytes = 0
+            self._held_from = self._last_row + 1
             self._connected.clear()
             self._client = self._make_client()
             new = self._client
@@ -1487,12 +1631,6 @@ class MqttPublisher:
             first = self._last_error != message
             self._last_error = message
         (logger.warning if first else logger.debug)("MQTT: %s (attempt %d)", message, streak)
-
-    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
-        if level == mqtt.MQTT_LOG_ERR and buf.startswith("Caught exception"):
-            logger.error("MQTT: %s", buf)  # a bug in a callback of ours
-        else:
-            logger.debug("paho: %s", buf)
 
     # ------------------------------------------------------------ counters
 

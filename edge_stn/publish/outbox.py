@@ -20,15 +20,17 @@ so that two daemons cannot share it. It keeps:
 Durability: a batch of new results is committed with ``synchronous=FULL`` (the WAL is fsynced
 before the commit returns), unless ``synchronous`` is ``normal``: then a power cut (not a crash
 of the process) may lose the last commits. Deletes of acknowledged rows are committed with
-``NORMAL``: losing one to a power cut only means a duplicate later.
+``NORMAL`` (or go with the next batch of results): losing one to a power cut only means a
+duplicate later. :meth:`Outbox.write` returns the rows it stored, as committed, so that the
+publisher hands them to MQTT without reading them back.
 
 Budget: the database and its ``-wal`` stay within ``max_bytes``. The WAL is kept under a reserve
 (``journal_size_limit``, automatic checkpoints); the rest is for data, measured in live pages
-inside each write transaction. When a write would go over it, the policy sheds, oldest first:
-crops (their result is rewritten to ``crop: null``, ``crop_status: shed``), then results (with
-their crops). Rows older than ``max_age_s`` are shed the same way. Rows already handed to the
-MQTT client (below ``sheddable_from``) are never shed: they may be on the wire. Every shed
-message is counted.
+inside each write transaction that adds rows. When a write would go over it, the policy sheds,
+oldest first: crops (their result is rewritten to ``crop: null``, ``crop_status: shed``), then
+results (with their crops). Rows older than ``max_age_s`` are shed the same way (looked for at
+most every :data:`AGE_CHECK_S`). Rows already handed to the MQTT client (below
+``sheddable_from``) are never shed: they may be on the wire. Every shed message is counted.
 
 Threads: an :class:`Outbox` is used by one thread at a time (the publisher's sender thread); it
 is opened by the thread that builds the publisher, hence ``check_same_thread=False``.
@@ -45,6 +47,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -78,6 +81,9 @@ CODE_DISCONNECTS = 0x101
 lost, ``max_disconnects`` times in a row (a message the broker drops the connection for)."""
 
 SynchronousMode = Literal["full", "normal"]
+AGE_CHECK_S = 1.0
+"""The age policy (``max_age_s``) looks for old rows at most this often (by the writes' clock):
+a row may outlive ``max_age_s`` by that much."""
 COUNTER_NAMES = tuple(
     f"{kind}s_{what}" for kind in KINDS for what in ("committed", "acked", "shed", "dead")
 )
@@ -156,8 +162,9 @@ class NewResult:
     kind: Kind = "result"
     next_track_id: int | None = None
 
-    @property
+    @cached_property
     def size(self) -> int:
+        """Bytes of its payloads (asked for when it is handed over and when it is stored)."""
         return len(self.payload or b"") + sum(len(c.payload) for c in self.crops)
 
 
@@ -202,6 +209,12 @@ class WriteReport:
     commit_ms: float | None = None
     """wall time of the transaction, from BEGIN to the end of COMMIT (fsync included), when it
     stored new results."""
+    stored: list[StoredMessage] = field(default_factory=list)
+    """the rows this write stored, exactly as committed, oldest first: the publisher hands them
+    to MQTT without reading them back. Empty when ``reshaped``."""
+    reshaped: bool = False
+    """the budget or age policy deleted or rewrote stored rows (a shed crop rewrites its
+    result): copies of unsent rows held outside the outbox may be stale, read them again."""
 
 
 @dataclass(frozen=True)
@@ -288,6 +301,7 @@ CREATE TABLE dead_letter(
 );
 """
 _TABLES = {"meta", "seq", "counter", "message", "dead_letter"}
+_MAX_ROW = 2**63 - 1
 
 
 def _sidecars(path: Path) -> list[Path]:
@@ -489,6 +503,8 @@ class Outbox:
         if epoch is not None and path is not None:
             raise ValueError("the epoch of an outbox file is the one stored in it")
         self._memory_epoch = epoch
+        self._sync_mode: str | None = None  # the connection's PRAGMA synchronous
+        self._age_checked: float | None = None  # when the age policy last looked (write clock)
         self._conn = self._open()
         self.epoch: str = self._meta("epoch")
         self._next_seq = {c: int(n) for c, n in self._conn.execute("SELECT camera, next FROM seq")}
@@ -589,6 +605,7 @@ class Outbox:
         # transaction that crosses it; journal_size_limit truncates the file back.
         conn.execute(f"PRAGMA wal_autocheckpoint = {max(16, self.wal_reserve // PAGE_SIZE // 4)}")
         conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        self._sync_mode = self.synchronous.upper()
 
     def _meta(self, key: str) -> str:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -635,12 +652,13 @@ class Outbox:
         row = self._conn.execute("SELECT min(row) FROM message").fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
-    def read(self, from_row: int, limit: int) -> list[StoredMessage]:
-        """Up to ``limit`` messages from row ``from_row`` on, oldest first."""
+    def read(self, from_row: int, limit: int, before: int | None = None) -> list[StoredMessage]:
+        """Up to ``limit`` messages from row ``from_row`` on (and below ``before``), oldest
+        first."""
         cur = self._conn.execute(
             "SELECT row, kind, camera, seq, result_id, topic, props, created, strikes, payload "
-            "FROM message WHERE row >= ? ORDER BY row LIMIT ?",
-            (from_row, limit),
+            "FROM message WHERE row >= ? AND row < ? ORDER BY row LIMIT ?",
+            (from_row, _MAX_ROW if before is None else before, limit),
         )
         out = []
         for row, kind, camera, seq, rid, topic, props, created, strikes, payload in cur:
@@ -717,9 +735,10 @@ class Outbox:
         now = time.time() if now is None else now
         report = WriteReport()
         durable = bool(results)
-        self._conn.execute(
-            f"PRAGMA synchronous = {self.synchronous.upper() if durable else 'NORMAL'}"
-        )
+        mode = self.synchronous.upper() if durable else "NORMAL"
+        if mode != self._sync_mode:  # a statement per write otherwise
+            self._conn.execute(f"PRAGMA synchronous = {mode}")
+            self._sync_mode = mode
         t0 = time.perf_counter()
         self._conn.execute("BEGIN IMMEDIATE")
         try:
@@ -730,10 +749,16 @@ class Outbox:
                 self._dead_letter_row(row, code, reason, report, now)
             for res in results:
                 self._insert(res, report, now)
-            first = self._first_sheddable(sheddable_from)
-            self._enforce_age(first, report, now)
-            self._enforce_bytes(first, report)
-            self._trim_dead_letters()
+            # A write that only deletes acknowledged rows cannot take the outbox over its
+            # budget or make a row older: the policy runs with the next write that adds
+            # something, and with the publisher's periodic empty write.
+            if results or report.dead or not settlements:
+                first = self._first_sheddable(sheddable_from)
+                if self._age_due(now):
+                    self._enforce_age(first, report, now)
+                self._enforce_bytes(first, report)
+            if report.dead:
+                self._trim_dead_letters()
             self._bump_totals(report)
             self._conn.execute("COMMIT")
         except BaseException:
@@ -742,6 +767,8 @@ class Outbox:
             # the in-memory mirrors may be off: read them again
             self._resync()
             raise
+        if report.reshaped:
+            report.stored.clear()
         if durable:
             report.commit_ms = (time.perf_counter() - t0) * 1000.0
         for kind in KINDS:
@@ -763,14 +790,30 @@ class Outbox:
         self._next_seq = {c: int(n) for c, n in self._conn.execute("SELECT camera, next FROM seq")}
         self._totals = _counter_rows(self._conn)
         self._live = self._live_bytes()
+        self._sync_mode = None
 
     def _first_sheddable(self, sheddable_from: int | None) -> int:
         return 0 if sheddable_from is None else sheddable_from
 
     def _live_bytes(self) -> int:
+        return self._pages()[0]
+
+    def _pages(self) -> tuple[int, int]:
+        """Bytes of the pages in use, and the page count."""
         pages = int(self._conn.execute("PRAGMA page_count").fetchone()[0])
         free = int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
-        return (pages - free) * PAGE_SIZE
+        return (pages - free) * PAGE_SIZE, pages
+
+    def _age_due(self, now: float) -> bool:
+        """Whether the age policy looks for old rows in this write (at most every
+        :data:`AGE_CHECK_S`; at once when the clock went back)."""
+        if self.max_age_s is None:
+            return False
+        last = self._age_checked
+        if last is not None and last <= now < last + AGE_CHECK_S:
+            return False
+        self._age_checked = now
+        return True
 
     def _delete(self, rows: Sequence[int]) -> list[tuple[int, Kind, int]]:
         """Delete rows; returns ``(row, kind, payload size)`` of those that existed."""
@@ -865,38 +908,62 @@ class Outbox:
         report.committed[res.kind] += 1  # produced, even if refused at once
         if res.payload is None:  # the result itself was refused (too large)
             return
-        cur = self._conn.execute(
-            "INSERT INTO message(kind, camera, seq, result_id, parent, topic, props, created, "
-            "payload) VALUES (?, ?, ?, ?, NULL, ?, NULL, ?, ?) RETURNING row",
-            (
-                _KIND_CODE[res.kind],
-                res.camera,
-                seq,
-                res.result_id,
-                res.topic,
-                res.created,
-                res.payload,
-            ),
-        )
-        parent = int(cur.fetchone()[0])
-        self._rows[res.kind] += 1
-        self._payload_bytes += len(res.payload)
-        for crop in res.crops:
-            props = json.dumps(crop.user_properties) if crop.user_properties else None
+        parent = _row_id(
             self._conn.execute(
                 "INSERT INTO message(kind, camera, seq, result_id, parent, topic, props, "
-                "created, payload) VALUES (1, ?, NULL, ?, ?, ?, ?, ?, ?)",
-                (res.camera, res.result_id, parent, crop.topic, props, res.created, crop.payload),
+                "created, payload) VALUES (?, ?, ?, ?, NULL, ?, NULL, ?, ?)",
+                (
+                    _KIND_CODE[res.kind],
+                    res.camera,
+                    seq,
+                    res.result_id,
+                    res.topic,
+                    res.created,
+                    res.payload,
+                ),
+            )
+        )
+        self._rows[res.kind] += 1
+        self._payload_bytes += len(res.payload)
+        report.stored.append(
+            StoredMessage(
+                parent, res.kind, res.camera, seq, res.result_id, res.topic, (), res.created, 0,
+                res.payload,
+            )
+        )  # fmt: skip
+        for crop in res.crops:
+            user = tuple((str(k), str(v)) for k, v in crop.user_properties)
+            row = _row_id(
+                self._conn.execute(
+                    "INSERT INTO message(kind, camera, seq, result_id, parent, topic, props, "
+                    "created, payload) VALUES (1, ?, NULL, ?, ?, ?, ?, ?, ?)",
+                    (
+                        res.camera,
+                        res.result_id,
+                        parent,
+                        crop.topic,
+                        json.dumps(user) if user else None,
+                        res.created,
+                        crop.payload,
+                    ),
+                )
             )
             self._rows["crop"] += 1
             self._payload_bytes += len(crop.payload)
             report.committed["crop"] += 1
+            report.stored.append(
+                StoredMessage(
+                    row, "crop", res.camera, None, res.result_id, crop.topic, user, res.created,
+                    0, crop.payload,
+                )
+            )  # fmt: skip
 
     # ------------------------------------------------------------ the budget policy
 
     def _shed_crops(self, crops: Sequence[tuple[int, int, str, int]], report: WriteReport) -> None:
         """Delete crops ``(row, parent, topic, size)`` and rewrite their results: ``crop: null``,
         ``crop_status: shed``."""
+        report.reshaped = True
         by_parent: dict[int, set[str]] = {}
         for _, parent, topic, _ in crops:
             by_parent.setdefault(parent, set()).add(topic)
@@ -921,6 +988,7 @@ class Outbox:
 
     def _shed_results(self, rows: Sequence[int], report: WriteReport) -> None:
         """Delete results and their crops."""
+        report.reshaped = True
         crops: list[int] = []
         for chunk in _chunks(rows, 500):
             marks = ",".join("?" * len(chunk))
@@ -977,13 +1045,13 @@ class Outbox:
         not happen on every write), crops first; then give free pages back so that the file
         fits too."""
         margin = min(64 * 1024, self.data_budget // 32)
-        self._live = self._live_bytes()
+        self._live, pages = self._pages()
         while self._live > self.data_budget:
             crops = self._sheddable_crops(first, 256)
             if not crops:
                 break
             self._shed_crops(_enough(crops, self._live - self.data_budget + margin), report)
-            self._live = self._live_bytes()
+            self._live, pages = self._pages()
         while self._live > self.data_budget:
             results = [
                 (int(row), int(size))
@@ -998,7 +1066,7 @@ class Outbox:
                 break
             chosen = _enough(results, self._live - self.data_budget + margin)
             self._shed_results([row for row, _ in chosen], report)
-            self._live = self._live_bytes()
+            self._live, pages = self._pages()
         if self._live > self.data_budget:
             if not self._over_budget_warned:
                 logger.warning(
@@ -1010,7 +1078,6 @@ class Outbox:
                 self._over_budget_warned = True
         else:
             self._over_budget_warned = False
-        pages = int(self._conn.execute("PRAGMA page_count").fetchone()[0])
         over = pages - self.data_budget // PAGE_SIZE
         if over > 0:
             # free pages beyond the budget go back to the file system (auto_vacuum=INCREMENTAL)
@@ -1029,11 +1096,13 @@ class Outbox:
             changes[f"{kind}s_acked"] = report.acked[kind]
             changes[f"{kind}s_shed"] = report.shed[kind]
             changes[f"{kind}s_dead"] = sum(1 for d in report.dead if d.kind == kind)
-        self._conn.executemany(  # an outbox made before a kind existed lacks its rows
-            "INSERT INTO counter(name, value) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            [(k, v) for k, v in changes.items() if v],
-        )
+        rows = [(k, v) for k, v in changes.items() if v]
+        if rows:
+            self._conn.executemany(  # an outbox made before a kind existed lacks its rows
+                "INSERT INTO counter(name, value) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                rows,
+            )
 
     # ------------------------------------------------------------ closing
 
@@ -1102,6 +1171,14 @@ def _enough(items: Sequence[Any], needed: int) -> list[Any]:
         if total >= needed:
             break
     return out
+
+
+def _row_id(cur: sqlite3.Cursor) -> int:
+    """The row an INSERT just made."""
+    row = cur.lastrowid
+    if row is None:  # pragma: no cover - an INSERT always sets it
+        raise sqlite3.DatabaseError("INSERT made no row")
+    return int(row)
 
 
 def _chunks(items: Sequence[int], n: int) -> Iterator[list[int]]:

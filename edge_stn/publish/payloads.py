@@ -75,10 +75,17 @@ def _num(name: str, value: Any, digits: int) -> float:
 def _nums(name: str, values: Iterable[Any], digits: int) -> list[Any]:
     out: list[Any] = []
     for i, v in enumerate(values):
-        if isinstance(v, (list, tuple)):
-            out.append(_nums(f"{name}[{i}]", v, digits))
-        else:
-            out.append(_num(f"{name}[{i}]", v, digits))
+        try:
+            out.append(
+                _nums(name, v, digits) if isinstance(v, (list, tuple)) else _num(name, v, digits)
+            )
+            continue
+        except PayloadError:
+            pass
+        # the element is named only when it is wrong (this raises): naming each one cost more
+        # than rounding it, and a result has some 20 numbers per detection
+        sub = f"{name}[{i}]"
+        out.append(_nums(sub, v, digits) if isinstance(v, (list, tuple)) else _num(sub, v, digits))
     return out
 
 
