@@ -147,15 +147,15 @@ def test_watchdog_is_pinged_only_while_every_stage_is_alive(
     run = Running(daemon_config(tmp_path, mosquitto, metrics={"port": 0}), notifier=notifier)
     detector = run.daemon.detector
     release = threading.Event()
-    real_detect = detector.detect
+    real_finish = detector.finish
 
-    def hung_detect(frames: Any) -> Any:
+    def hung_finish(frames: Any, windows: Any) -> Any:
         if hang.is_set():
-            release.wait(30)  # a stage stuck in a call, as a wedged driver would leave it
-        return real_detect(frames)
+            release.wait(30)  # the model call stuck, as a wedged driver would leave it
+        return real_finish(frames, windows)
 
     hang = threading.Event()
-    detector.detect = hung_detect  # type: ignore[method-assign]
+    detector.finish = hung_finish  # type: ignore[method-assign]
     with run:
         first = received(sock, 3.0)
         # systemctl status says what a long start-up (a TensorRT build) is doing, then READY
