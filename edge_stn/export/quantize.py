@@ -34,7 +34,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ from edge_stn.export.contract import (
 from edge_stn.export.document import created_now, sidecar_document
 from edge_stn.export.files import check_output_path, staged_model
 from edge_stn.export.trt_report import TrtReport, tensorrt_report
-from edge_stn.export.verify import FP32_LIMITS, check_onnx, ort_session, run_ort
+from edge_stn.export.verify import FP32_LIMITS, CheckReport, check_onnx, ort_session, run_ort
 from edge_stn.runtime.engine import InputScaling
 from edge_stn.runtime.metadata import METADATA_KEY, file_sha256, int8_path, read_model_metadata
 
@@ -103,24 +103,11 @@ class Int8Check:
 
 
 @dataclass
-class Int8Verification:
-    checker: str = "not run"
+class Int8Verification(CheckReport):
     check: Int8Check | None = None
-    notes: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
 
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "checker": self.checker,
-            "int8": asdict(self.check) if self.check else None,
-            "notes": self.notes,
-            "failures": self.failures,
-        }
+    def details(self) -> dict[str, Any]:
+        return {"int8": asdict(self.check) if self.check else None}
 
     def lines(self) -> list[str]:
         out = [f"onnx.checker: {self.checker}"]

@@ -50,10 +50,11 @@ class BatchConsistency:
 
 
 @dataclass
-class Verification:
+class CheckReport:
+    """What a verification of a written model found: ``onnx.checker``'s verdict, notes, and the
+    failures that make it refuse the file (none: passed). Subclasses add their measurements."""
+
     checker: str = "not run"
-    parity: Parity | None = None
-    batches: BatchConsistency | None = None
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -61,14 +62,29 @@ class Verification:
     def passed(self) -> bool:
         return not self.failures
 
+    def details(self) -> dict[str, Any]:
+        """The measurements, as they go into the sidecar's report."""
+        return {}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
             "checker": self.checker,
-            "parity": asdict(self.parity) if self.parity else None,
-            "batch_consistency": asdict(self.batches) if self.batches else None,
+            **self.details(),
             "notes": self.notes,
             "failures": self.failures,
+        }
+
+
+@dataclass
+class Verification(CheckReport):
+    parity: Parity | None = None
+    batches: BatchConsistency | None = None
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "parity": asdict(self.parity) if self.parity else None,
+            "batch_consistency": asdict(self.batches) if self.batches else None,
         }
 
     def lines(self) -> list[str]:
