@@ -56,7 +56,14 @@ from edge_stn.export.contract import (
 from edge_stn.export.document import created_now, sidecar_document
 from edge_stn.export.files import check_output_path, staged_model
 from edge_stn.export.trt_report import TrtReport, tensorrt_report
-from edge_stn.export.verify import FP32_LIMITS, CheckReport, check_onnx, ort_session, run_ort
+from edge_stn.export.verify import (
+    FP32_LIMITS,
+    CheckReport,
+    check_onnx,
+    max_abs_diff,
+    ort_session,
+    run_ort,
+)
 from edge_stn.runtime.engine import InputScaling
 from edge_stn.runtime.metadata import METADATA_KEY, file_sha256, int8_path, read_model_metadata
 
@@ -404,10 +411,6 @@ def _drop_unused(g: onnx.GraphProto) -> None:
 # ---------------------------------------------------------------- verification
 
 
-def _max_diff(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
-    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
-
-
 def verify_int8(
     fp32: Path,
     int8: Path,
@@ -423,7 +426,7 @@ def verify_int8(
     ref = run_ort(ort_session(fp32), x, CALIBRATION_BATCH)
     got = run_ort(ort_session(int8), x, CALIBRATION_BATCH)
     p32, p8 = ref["logits"].argmax(1), got["logits"].argmax(1)
-    diffs = {k: _max_diff(got[k], ref[k]) for k in ref if k in got}
+    diffs = {k: max_abs_diff(got[k], ref[k]) for k in ref if k in got}
     limits = {
         "min_agreement": opts.min_agreement,
         "max_error_increase": opts.max_error_increase,

@@ -153,7 +153,7 @@ def run_torch(model: Any, x: npt.NDArray[np.float32]) -> Arrays:
     return ref
 
 
-def _max_diff(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
+def max_abs_diff(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
 
 
@@ -172,7 +172,7 @@ def verify_runtime(
     ref = run_torch(model, x)
     by_batch = {b: run_ort(sess, x, b) for b in BATCH_SIZES}
     got = by_batch[max(BATCH_SIZES)]
-    diffs = {k: _max_diff(got[k], ref[k]) for k in got if k in ref}
+    diffs = {k: max_abs_diff(got[k], ref[k]) for k in got if k in ref}
     agree = float(np.mean(got["logits"].argmax(1) == ref["logits"].argmax(1)))
     limits = {} if fp16 else {k: v for k, v in FP32_LIMITS.items() if k in diffs}
     need = FP16_MIN_AGREEMENT if fp16 else FP32_MIN_AGREEMENT
@@ -190,7 +190,7 @@ def verify_runtime(
 
     first = by_batch[BATCH_SIZES[0]]
     blim = BATCH_LIMITS["fp16" if fp16 else "fp32"]
-    bdiff = {k: max(_max_diff(by_batch[b][k], first[k]) for b in BATCH_SIZES[1:]) for k in first}
+    bdiff = {k: max(max_abs_diff(by_batch[b][k], first[k]) for b in BATCH_SIZES[1:]) for k in first}
     same_argmax = all(
         np.array_equal(by_batch[b]["logits"].argmax(1), first["logits"].argmax(1))
         for b in BATCH_SIZES[1:]
