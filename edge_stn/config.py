@@ -600,9 +600,9 @@ class DetectionConfig(Section):
         None,
         ge=1,
         le=16,
-        description="threads that find proposals and cut windows when a batch holds frames of "
-        "several cameras (OpenCV releases the GIL, so two overlap); absent: 2 where the machine "
-        "has 2 cores or more, else 1",
+        description="lanes that find proposals and cut windows: the detector thread and "
+        "helpers that cut the next frames while the model runs (OpenCV and ONNX Runtime release "
+        "the GIL, so they overlap); absent: 2 where the machine has 2 cores or more, else 1",
     )
 
 
