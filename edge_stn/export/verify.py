@@ -18,6 +18,8 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
+from edge_stn.errors import ExportError
+
 logger = logging.getLogger(__name__)
 
 FP32_LIMITS = {"logits": 1e-4, "theta": 1e-5}
@@ -115,10 +117,15 @@ class Verification(CheckReport):
         return out
 
 
-def check_onnx(model: onnx.ModelProto) -> str:
-    """``onnx.checker`` full check and strict, type-checking shape inference; raises on failure."""
-    onnx.checker.check_model(model, full_check=True)
-    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+def check_onnx(model: onnx.ModelProto, *, path: Path, what: str = "the file") -> str:
+    """``onnx.checker`` full check and strict, type-checking shape inference: its verdict, or
+    :class:`ExportError` naming ``what`` at ``path`` and the checker's first line."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise ExportError(f"onnx.checker rejects {what}: {first}", path=path) from None
     return f"full check and strict shape inference passed (onnx {onnx.__version__})"
 
 
