@@ -415,7 +415,7 @@ class PreparePipeline:
     cut, so the model's native time (ONNX Runtime releases the interpreter) overlaps the next
     frames' preparation; on a video file it keeps both cores busy. When no frame is ready for
     the model, the caller cuts one itself, so a batch of several cameras is shared out as the
-    two lanes of :meth:`Detector.detect` did.
+    two lanes of :meth:`Detector.detect` share it.
 
     Frames come out in the order they went in (every camera's frames stay in order); the model
     takes the longest run of cut frames at the head, so frames that are ready are never held
@@ -486,8 +486,13 @@ class PreparePipeline:
         a helper to finish one (returns an empty list for both)."""
         with self._cond:
             ready: list[_Pending] = []
-            for item in self._items:
-                if item.state != _DONE or (ready and item.detector is not ready[0].detector):
+            for item in self._items:  # the cut frames at the head, of one detector and tag
+                head = ready[0] if ready else item
+                if (
+                    item.state != _DONE
+                    or item.detector is not head.detector
+                    or item.tag is not head.tag
+                ):
                     break
                 ready.append(item)
             for item in ready:
@@ -504,32 +509,30 @@ class PreparePipeline:
         return self._finish(ready)
 
     def _finish(self, ready: list[_Pending]) -> list[Finished]:
+        """One model call for the run of cut frames between failed preparations (each of
+        those comes back alone, with its error)."""
+        detector, tag = ready[0].detector, ready[0].tag
         out: list[Finished] = []
-        good: list[_Pending] = []
+        frames: list[Frame] = []
+        windows: list[FrameWindows] = []
 
         def flush() -> None:
-            if not good:
+            if not frames:
                 return
-            head = good[0]
-            frames = [p.frame for p in good]
             try:
-                windows = [p.windows for p in good if p.windows is not None]
-                out.append(
-                    Finished(head.detector, head.tag, frames, head.detector.finish(frames, windows))
-                )
+                out.append(Finished(detector, tag, frames[:], detector.finish(frames, windows)))
             except Exception as exc:  # a runtime fault of the model: the caller logs it
-                out.append(Finished(head.detector, head.tag, frames, [], exc))
-            good.clear()
+                out.append(Finished(detector, tag, frames[:], [], exc))
+            frames.clear()
+            windows.clear()
 
         for item in ready:
-            if item.error is not None:
+            if item.windows is None:  # its preparation raised
                 flush()
-                out.append(Finished(item.detector, item.tag, [item.frame], [], item.error))
-            elif good and item.tag is not good[0].tag:
-                flush()
-                good.append(item)
+                out.append(Finished(detector, tag, [item.frame], [], item.error))
             else:
-                good.append(item)
+                frames.append(item.frame)
+                windows.append(item.windows)
         flush()
         return out
 
