@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -223,18 +223,16 @@ class _Backdrop:
     ink: npt.NDArray[np.float32] = field(init=False)
     """The frame being drawn: a copy of the clutter that each frame draws its digits into and
     puts back as it was (only the digits' parts), instead of a full-frame copy per frame."""
-    _still: list[npt.NDArray[np.uint8]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ink", self.clutter.copy())
 
+    @cached_property
     def still_u8(self) -> npt.NDArray[np.uint8]:
         """The blurred backdrop as a noiseless frame (made on first use: only a segment without
         noise needs it)."""
-        if not self._still:
-            assert self.blurred is not None
-            self._still.append(_to_uint8(self.blurred, None, 0.0))
-        return self._still[0]
+        assert self.blurred is not None
+        return _to_uint8(self.blurred, None, 0.0)
 
 
 def _to_uint8(
@@ -466,7 +464,7 @@ class MovingDigits:
         copy."""
         assert backdrop.blurred is not None
         if noise is None:
-            image = backdrop.still_u8().copy()
+            image = backdrop.still_u8.copy()
         else:
             image = _to_uint8(backdrop.blurred, noise, noise_level)
         reach = blur_reach(sigma)
