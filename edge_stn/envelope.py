@@ -64,7 +64,8 @@ class Row:
 def measure(detector: Detector, settings: MotionSettings, scenes: int, seed0: int) -> Row:
     frames = []
     for k in range(scenes):
-        gen = MovingDigits(seed=seed0 + k, settings=settings)
+        # phase 0: frame 5 of segments 0-2 (a scene's phase only matters between cameras)
+        gen = MovingDigits(seed=seed0 + k, settings=settings, phase_frames=0)
         for seg in range(3):
             index = seg * gen.segment_frames + 5
             image, objects = gen.frame_bgr(index)

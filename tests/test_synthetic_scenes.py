@@ -21,14 +21,23 @@ from edge_stn.data.scenes import (
     compose,
     digit_matrix,
 )
-from edge_stn.video.synthetic import MotionSettings, MovingDigits, load_digit_asset
+from edge_stn.video.synth_video import write_synthetic_video
+from edge_stn.video.synthetic import (
+    OBJECTS_PER_SEGMENT,
+    MotionSettings,
+    MovingDigits,
+    SyntheticCamera,
+    load_digit_asset,
+    scene_phase,
+)
 
 FIELDS = "codec_name,width,height,nb_frames"
 QUIET = {"noise": 0.0, "blur": 0.0, "clutter": 0, "background": (20, 20)}
 
 
 def segments(gen: MovingDigits, n: int) -> list[int]:
-    return [k * gen.segment_frames for k in range(n)]
+    """The first frame of each of the first ``n`` segments."""
+    return [gen.segment_start(k) for k in range(n)]
 
 
 def test_default_scene_draws_one_to_four_digits_40_to_120_px_tall() -> None:
@@ -101,7 +110,7 @@ def test_cached_backdrop_renders_what_a_frame_drawn_from_scratch_shows(
         width, height, seed=seed, settings=MotionSettings(noise=0.0, blur=(0.5, 1.5))
     )
     for index in (0, 5, gen.segment_frames + 3, 2 * gen.segment_frames, 7, 61, 90, 119):
-        segment = index // gen.segment_frames
+        segment, _ = gen.segment_at(index)
         background = gen.renderer.background_image(width, height, gen._rng(3, segment))
         ink = np.zeros((height, width), np.float32)
         rng = gen._rng(2, segment)
@@ -156,3 +165,96 @@ def test_synth_video_rejects_bad_knobs(capsys: pytest.CaptureFixture[str]) -> No
 
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------- scene phase
+
+
+def ids(gen: MovingDigits, index: int) -> list[int]:
+    return [o.object_id for o in gen.scene(index).objects]
+
+
+def scene_changes(gen: MovingDigits, frames: int) -> list[int]:
+    """The frames whose digits are all new (no object id of the frame before), read from the
+    rendered truth, not from the generator's arithmetic."""
+    return [i for i in range(1, frames) if set(ids(gen, i)).isdisjoint(ids(gen, i - 1))]
+
+
+def test_seed_zero_has_no_phase_and_changes_scene_at_whole_segments() -> None:
+    """Seed 0 keeps the scene it had before phases: new digits at multiples of the segment."""
+    for n in (1, 2, 80, 120, 150, 1000):
+        assert scene_phase(0, n) == 0
+    gen = MovingDigits(160, 120, fps=10, seed=0)
+    assert gen.phase_frames == 0 and gen.describe()["phase_frames"] == 0
+    n = gen.segment_frames
+    assert scene_changes(gen, 3 * n + 1) == [n, 2 * n, 3 * n]
+    assert {i // OBJECTS_PER_SEGMENT for i in ids(gen, n - 1)} == {0}
+    assert {i // OBJECTS_PER_SEGMENT for i in ids(gen, n)} == {1}
+
+
+def test_seeds_change_scene_on_different_frames() -> None:
+    """Cameras of seeds 0-7 (`edge-stn bench live` gives camera i seed i) never start a new
+    segment on the same frame, and seeds 0-3 are at least 1/8 of a segment apart."""
+    gens = [MovingDigits(96, 64, fps=15, seed=seed) for seed in range(8)]
+    n = gens[0].segment_frames
+    changes = [scene_changes(g, 2 * n + 1) for g in gens]
+    for a in range(8):
+        assert len(changes[a]) in (2, 3)  # every segment change of two segments is seen
+        for b in range(a):
+            assert set(changes[a]).isdisjoint(changes[b]), (a, b, changes[a], changes[b])
+    first4 = sorted(f for c in changes[:4] for f in c)
+    assert min(np.diff(first4)) >= n / 8
+    assert len({g.phase_frames for g in gens}) == 8
+    for n in (2, 80, 120, 150):  # seeds 0 .. n-1 all have their own phase
+        assert sorted(scene_phase(seed, n) for seed in range(n)) == list(range(n))
+
+
+def test_a_phase_shifts_the_scene_timeline_and_nothing_else() -> None:
+    """Frame i of a phased generator is frame i + phase of the same seed without phase: the
+    same segment's digits on the same paths, pixel for pixel (noise off: its offset is drawn
+    per frame index)."""
+    quiet = MotionSettings(count=3, noise=0.0)
+    phased = MovingDigits(160, 120, fps=10, seed=5, settings=quiet)
+    plain = MovingDigits(160, 120, fps=10, seed=5, settings=quiet, phase_frames=0)
+    p, n = phased.phase_frames, phased.segment_frames
+    assert 0 < p < n and p == scene_phase(5, n)
+    assert MovingDigits(160, 120, fps=10, seed=5, phase_frames=p + 3 * n).phase_frames == p
+    for i in (0, 1, n - p - 1, n - p, n - p + 1, n, 2 * n + 7):
+        a, b = phased.scene(i), plain.scene(i + p)
+        assert a.objects == b.objects and a.clutter_boxes == b.clutter_boxes
+        np.testing.assert_array_equal(a.image, b.image)
+
+
+def test_a_phased_scene_keeps_its_digits_moving_smoothly_within_a_segment() -> None:
+    """Within a segment of a phased generator the same ids, boxes that move a few pixels from
+    frame to frame (also where an unphased generator would start a segment); across its
+    boundary, new ids."""
+    gen = MovingDigits(320, 240, seed=5, settings=MotionSettings(count=3, noise=0.0))
+    n, p = gen.segment_frames, gen.phase_frames
+    boundary = n - p
+    assert 0 < boundary < n  # the unphased boundary n lies inside the second segment
+    prev = {o.object_id: o.box for o in gen.scene(0).objects}
+    assert len(prev) == 3
+    for i in range(1, n + 20):
+        cur = {o.object_id: o.box for o in gen.scene(i).objects}
+        if i == boundary:
+            assert set(cur).isdisjoint(prev) and len(cur) == 3
+        else:
+            assert set(cur) == set(prev), i
+            jump = max(abs(a - b) for k in cur for a, b in zip(cur[k], prev[k], strict=True))
+            assert jump <= 15, (i, jump)  # <= 5.3 px/frame of motion plus a slow turn
+        prev = cur
+
+
+def test_truth_files_and_live_cameras_carry_the_phase(tmp_path: Path) -> None:
+    v = write_synthetic_video(
+        tmp_path / "s.mp4", tmp_path / "s.json", frames=40, width=96, height=64, fps=10, seed=1
+    )
+    doc = json.loads(v.truth.read_text())
+    gen = MovingDigits(96, 64, fps=10, seed=1)
+    assert doc["generator"]["phase_frames"] == gen.phase_frames > 0
+    frame_ids = [[o["object_id"] for o in f["objects"]] for f in doc["frames"]]
+    changes = [i for i in range(1, 40) if set(frame_ids[i]).isdisjoint(frame_ids[i - 1])]
+    assert changes == [gen.segment_start(1)] == [gen.segment_frames - gen.phase_frames]
+    assert SyntheticCamera(seed=3).generator.phase_frames == scene_phase(3, 120)
+    assert SyntheticCamera(seed=3, phase_frames=0).generator.phase_frames == 0

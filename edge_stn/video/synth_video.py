@@ -115,9 +115,11 @@ def write_synthetic_video(
     seed: int = 0,
     settings: MotionSettings | None = None,
     codec: str = "auto",
+    phase_frames: int | None = None,
 ) -> SynthVideo:
     """Write the scene's first ``frames`` frames and their truth. ``codec``: ``h264`` (ffmpeg),
-    ``mp4v`` (OpenCV) or ``auto`` (h264 where ffmpeg is installed)."""
+    ``mp4v`` (OpenCV) or ``auto`` (h264 where ffmpeg is installed). ``phase_frames``: the
+    scene phase (:class:`MovingDigits`; None: the seed's own)."""
     out, truth = Path(out), Path(truth)
     if frames < 1:
         raise EdgeStnError(f"frames must be >= 1, got {frames}")
@@ -126,7 +128,9 @@ def write_synthetic_video(
     if codec == "auto":
         codec = "h264" if ffmpeg_path() is not None else "mp4v"
     try:
-        gen = MovingDigits(width, height, fps, seed, settings or MotionSettings())
+        gen = MovingDigits(
+            width, height, fps, seed, settings or MotionSettings(), phase_frames=phase_frames
+        )
     except ValueError as exc:
         raise EdgeStnError(str(exc)) from None
     for p in (out, truth):

@@ -2,7 +2,9 @@
 
 :class:`MovingDigits` renders frame ``i`` of a scene as a pure function of ``(seed, i)`` and
 its settings (:class:`MotionSettings`), with the scene renderer of :mod:`edge_stn.data.scenes`.
-Every ``segment_s`` seconds a new segment starts: 1-4 digits (by default), each 40-120 px tall
+Every ``segment_s`` seconds a new segment starts (where ``index + phase`` is a multiple of the
+segment's length: the phase, from the seed by :func:`scene_phase`, keeps cameras of different
+seeds from changing scene on the same frame): 1-4 digits (by default), each 40-120 px tall
 with its own shear, width jitter and contrast (ink 50-220 grey levels above the background),
 bouncing inside its own cell of a grid over the frame (so digits never overlap and every truth
 box is the box of one whole digit) and turning slowly within ``+/-angle`` degrees; a dark ramp
@@ -271,9 +273,44 @@ def noise_field(height: int, width: int) -> npt.NDArray[np.float32]:
 OBJECTS_PER_SEGMENT = 1000
 """Object ids are ``segment * 1000 + path``: unique in a video, stable across its frames."""
 
+GOLDEN_STEP = (math.sqrt(5.0) - 1.0) / 2.0
+"""The golden ratio's fractional part: a walk around a circle by this fraction of a turn puts
+every new point in (about) the largest gap the earlier points left."""
+
+
+def scene_phase(seed: int, segment_frames: int) -> int:
+    """The default scene phase of a generator of ``seed``: how many frames of its first segment
+    lie before frame 0 (``seed * step mod segment_frames``).
+
+    ``step`` is the whole number nearest ``segment_frames`` times :data:`GOLDEN_STEP` that is
+    coprime with ``segment_frames``: seed 0 has phase 0 (the scene as without phases), seeds
+    ``0 .. segment_frames - 1`` all have different phases, and any few consecutive seeds are
+    spread around the segment (for 120-frame segments, seeds 0-3 start new segments 0, 73, 26
+    and 99 frames into the cycle). Independent cameras do not change scene in lock-step; without
+    a phase every synthetic camera renders its costly first frame of a segment on the same tick.
+    """
+    if segment_frames < 1:
+        raise ValueError(f"segment_frames must be >= 1, got {segment_frames}")
+    ideal = segment_frames * GOLDEN_STEP
+    step = min(
+        (k for k in range(1, segment_frames + 1) if math.gcd(k, segment_frames) == 1),
+        key=lambda k: (abs(k - ideal), k),
+    )
+    return seed * step % segment_frames
+
 
 class MovingDigits:
-    """Frames of moving digits, each a pure function of ``(seed, frame index)``."""
+    """Frames of moving digits, each a pure function of ``(seed, frame index)`` (and of the
+    settings and the scene phase).
+
+    Segments are ``segment_frames`` long on a timeline shifted by ``phase_frames``: frame
+    ``index`` is frame ``t`` of segment ``k``, ``(k, t) = divmod(index + phase_frames,
+    segment_frames)``, so frame 0 is frame ``phase_frames`` of segment 0 and the next segments
+    start at frames ``k * segment_frames - phase_frames``. Segment ``k`` draws its digits,
+    paths, look and backdrop from ``(seed, k)`` alone: a phase shifts the scene's timeline,
+    nothing else. ``phase_frames`` None takes :func:`scene_phase` of the seed (0 for seed 0);
+    any other number is taken modulo ``segment_frames``.
+    """
 
     def __init__(
         self,
@@ -283,6 +320,7 @@ class MovingDigits:
         seed: int = 0,
         settings: MotionSettings | None = None,
         pool: DigitPool | None = None,
+        phase_frames: int | None = None,
     ) -> None:
         if width < 16 or height < 16:
             raise ValueError(f"frame size must be at least 16x16, got {width}x{height}")
@@ -293,6 +331,11 @@ class MovingDigits:
         self.pool = pool if pool is not None else load_digit_asset()
         self.renderer = SceneRenderer(self.pool, noise=0.0, background=self.settings.background)
         self.segment_frames = max(1, round(self.settings.segment_s * self.fps))
+        self.phase_frames = (
+            scene_phase(seed, self.segment_frames)
+            if phase_frames is None
+            else phase_frames % self.segment_frames
+        )
         self._backdrop_cache: _Backdrop | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -303,8 +346,18 @@ class MovingDigits:
             "fps": self.fps,
             "seed": self.seed,
             "segment_frames": self.segment_frames,
+            "phase_frames": self.phase_frames,
             **asdict(self.settings),
         }
+
+    def segment_at(self, index: int) -> tuple[int, int]:
+        """The segment frame ``index`` falls in, and which frame of that segment it is."""
+        return divmod(index + self.phase_frames, self.segment_frames)
+
+    def segment_start(self, segment: int) -> int:
+        """The first frame index of ``segment`` (0 for segment 0, which starts before frame 0
+        when the generator has a phase)."""
+        return max(0, segment * self.segment_frames - self.phase_frames)
 
     def _rng(self, tag: int, n: int, j: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, tag, n, j])
@@ -361,7 +414,7 @@ class MovingDigits:
 
     def placements(self, index: int) -> list[DigitPlacement]:
         """Where each digit is in frame ``index``."""
-        segment, t = divmod(index, self.segment_frames)
+        segment, t = self.segment_at(index)
         out = []
         for p in self._segment(segment).paths:
             x0, y0, x1, y1 = p.bounds
@@ -418,7 +471,7 @@ class MovingDigits:
         """
         if index < 0:
             raise ValueError(f"frame index must be >= 0, got {index}")
-        segment = index // self.segment_frames
+        segment, _ = self.segment_at(index)
         seg = self._segment(segment)
         backdrop = self._backdrop(segment)
         ink = backdrop.ink  # the clutter, with this frame's digits drawn in below
@@ -517,7 +570,9 @@ class SyntheticCamera(FrameSource):
     """A live source of :class:`MovingDigits` frames at ``fps`` by the wall clock.
 
     ``frame_index`` is the frame's tick since ``open()``; :meth:`objects` gives the truth of any
-    index without a camera running (the scene depends only on seed, settings and index).
+    index without a camera running (the scene depends only on seed, settings, phase and index).
+    Cameras of one rate tick together, but cameras of different seeds start new segments on
+    different ticks (the generator's ``phase_frames``, from the seed unless given).
     """
 
     is_live = True
@@ -532,10 +587,11 @@ class SyntheticCamera(FrameSource):
         seed: int = 0,
         settings: MotionSettings | None = None,
         pool: DigitPool | None = None,
+        phase_frames: int | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self.camera_id = camera_id
-        self._args = (width, height, fps, seed, settings, pool)
+        self._args = (width, height, fps, seed, settings, pool, phase_frames)
         self.fps = float(fps)
         self._clock = clock
         self._scene: MovingDigits | None = None
@@ -545,7 +601,7 @@ class SyntheticCamera(FrameSource):
 
     @property
     def description(self) -> str:
-        w, h, fps, seed, settings, _ = self._args
+        w, h, fps, seed, settings, _, _ = self._args
         lo, hi = (settings or MotionSettings()).counts
         digits = f"{lo}" if lo == hi else f"{lo}-{hi}"
         return f"synthetic camera {w}x{h} at {fps:g} fps, {digits} digits, seed {seed}"
