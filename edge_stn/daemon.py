@@ -95,6 +95,7 @@ from edge_stn.detect.hard_examples import HardExampleWriter
 from edge_stn.detect.track_crops import TrackStage
 from edge_stn.errors import EdgeStnError, SourceError
 from edge_stn.ops.commands import MAIN_THREAD_TIMEOUT_S, CommandFailed, CommandRunner
+from edge_stn.ops.cpu import opencv_on_calling_threads
 from edge_stn.ops.health import Heartbeats
 from edge_stn.ops.logs import config_secrets, configure_logging
 from edge_stn.ops.memory import release_frames_to_the_kernel
@@ -1041,6 +1042,7 @@ def run_daemon(config_path: str | Path) -> int:
     cfg = load_config(config_path)
     configure_logging(cfg.log_format, config_secrets(cfg))
     release_frames_to_the_kernel()
+    opencv_on_calling_threads()
     stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
 
     def on_stop() -> None:

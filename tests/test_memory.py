@@ -71,3 +71,33 @@ def test_an_operator_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert release_frames_to_the_kernel() is False
+
+
+CPU_PROGRAM = """
+import cv2
+from edge_stn.ops.cpu import opencv_on_calling_threads
+before = cv2.getNumThreads()
+print(opencv_on_calling_threads(), before, cv2.getNumThreads())
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [({}, "True 1"), ({"OPENCV_FOR_THREADS_NUM": "2"}, "False 2")],
+)
+def test_the_daemon_runs_opencv_on_its_own_threads_unless_the_operator_chose(
+    env: dict[str, str], expected: str
+) -> None:
+    """OpenCV's worker pool is off in the daemon (edge_stn.ops.cpu); an operator's
+    OPENCV_FOR_THREADS_NUM wins. Run in a fresh process: the setting is process-wide."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CPU_PROGRAM],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **env},
+    )
+    chose, _, after = proc.stdout.split()
+    assert f"{chose} {after}" == expected

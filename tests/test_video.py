@@ -362,7 +362,7 @@ class FakeUsbCamera:
     def isOpened(self) -> bool:
         return True
 
-    def read(self) -> tuple[bool, Any]:
+    def read(self, image: Any = None, /) -> tuple[bool, Any]:
         if self.left > 0:
             self.left -= 1
             time.sleep(0.005)

@@ -25,6 +25,7 @@ from edge_stn.errors import FrameReadError, SourceError
 from edge_stn.records import Frame
 from edge_stn.video.base import FrameSource
 from edge_stn.video.opencv import as_bgr, ffmpeg_available
+from edge_stn.video.pool import PooledReader
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class FileSource(FrameSource):
         self._index = 0
         self._announced = 0
         self._errors = 0
+        self._reader = PooledReader()
 
     @property
     def description(self) -> str:
@@ -83,7 +85,7 @@ class FileSource(FrameSource):
             raise FrameReadError(f"camera {self.camera_id}: read before open", path=self.path)
         failures = 0
         while True:
-            ok, image = self._cap.read()
+            ok, image = self._reader.read(self._cap)
             img = as_bgr(image) if ok else None
             if img is not None:
                 frame = Frame(self.camera_id, self._index + failures, time.time(), img)

@@ -36,6 +36,7 @@ from edge_stn.config import redact_url
 from edge_stn.errors import FrameReadError, SourceError
 from edge_stn.records import Frame
 from edge_stn.video.base import FrameSource
+from edge_stn.video.pool import PooledReader
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,9 @@ class Capture(Protocol):
 
     def isOpened(self) -> bool: ...
 
-    def read(self) -> tuple[bool, Any]: ...
+    def read(self, image: Any = ..., /) -> tuple[bool, Any]:
+        """The next frame, decoded into ``image`` when it has the frame's size."""
+        ...
 
     def get(self, prop: int) -> float: ...
 
@@ -173,6 +176,7 @@ class LiveSource(FrameSource):
         self._factory = capture_factory or self._open_capture
         self._cap: Capture | None = None
         self._index = 0
+        self._reader = PooledReader()
 
     @property
     def description(self) -> str:
@@ -206,7 +210,7 @@ class LiveSource(FrameSource):
     def read(self) -> Frame | None:
         if self._cap is None:
             raise FrameReadError(f"camera {self.camera_id}: read before open")
-        ok, image = self._cap.read()
+        ok, image = self._reader.read(self._cap)
         img = as_bgr(image) if ok else None
         if img is None:
             raise FrameReadError(f"camera {self.camera_id}: no frame from {self.description}")

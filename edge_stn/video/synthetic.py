@@ -51,10 +51,11 @@ from edge_stn.data.scenes import (
     SceneRenderer,
     footprint_radius,
 )
-from edge_stn.errors import SourceError
+from edge_stn.errors import ShapeError, SourceError
 from edge_stn.records import Frame
 from edge_stn.video.base import FrameSource
 from edge_stn.video.pacing import Clock
+from edge_stn.video.pool import FramePool
 
 DIGIT_ASSET = Path(__file__).resolve().parent.parent / "assets" / "digits.npz"
 ASSET_PER_CLASS = 10
@@ -544,9 +545,15 @@ class MovingDigits:
             image[ky0:ky1, kx0:kx1] = _to_uint8(kept, part, noise_level)
         return image
 
-    def frame_bgr(self, index: int) -> tuple[npt.NDArray[np.uint8], list[SceneObject]]:
+    def frame_bgr(
+        self, index: int, out: npt.NDArray[np.uint8] | None = None
+    ) -> tuple[npt.NDArray[np.uint8], list[SceneObject]]:
+        """Frame ``index`` in BGR (written into ``out`` when it is given: ``(h, w, 3)``
+        uint8) and its objects."""
         scene = self.scene(index)
-        return np.asarray(cv2.cvtColor(scene.image, cv2.COLOR_GRAY2BGR)), scene.objects
+        if out is not None and out.shape != (self.height, self.width, 3):
+            raise ShapeError("out", out.shape, f"({self.height}, {self.width}, 3)")
+        return np.asarray(cv2.cvtColor(scene.image, cv2.COLOR_GRAY2BGR, dst=out)), scene.objects
 
 
 def truth_dict(obj: SceneObject) -> dict[str, Any]:
@@ -598,6 +605,7 @@ class SyntheticCamera(FrameSource):
         self._t0: float | None = None
         self._next = 0
         self._first = 0
+        self._pool = FramePool()
 
     @property
     def description(self) -> str:
@@ -635,7 +643,8 @@ class SyntheticCamera(FrameSource):
         due = self._t0 + index / self.fps
         if due > now:
             time.sleep(due - now)
-        image, _ = self.generator.frame_bgr(index)
+        scene = self.generator
+        image, _ = scene.frame_bgr(index, self._pool.take((scene.height, scene.width, 3)))
         self._next = index + 1
         return Frame(self.camera_id, index, time.time(), image)
 
