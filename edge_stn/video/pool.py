@@ -15,7 +15,7 @@ more than ``limit``: past the limit (a backlog), frames are allocated as before 
 dropped, so the pool's memory follows the frames actually in flight.
 
 One pool belongs to one source and is used from the thread that reads it. The test relies on
-CPython's reference counts (exact on the builds this project supports, 3.11 and later with the
+CPython's reference counts (exact on the builds this project supports, 3.10 and later with the
 GIL); :mod:`tests.test_pool` checks it, and fails if a held frame could be handed out again.
 """
 
