@@ -64,20 +64,16 @@ class FramePool:
         """A buffer of ``shape`` (uint8) for the next frame: a free one of the pool, or a new
         one (kept in the pool while it is under its limit). Free buffers of another shape, and
         free ones beyond the spares, are let go."""
-        free = [i for i, c in enumerate(self._counts()) if c <= self._held_by_pool_only]
-        chosen: Buffer | None = None
-        drop: list[int] = []
-        for i in free:
-            if chosen is None and self._buffers[i].shape == shape:
-                chosen = self._buffers[i]
-            else:
-                drop.append(i)
-        # keep ``spares`` free buffers of this shape besides the one taken
-        keep = [i for i in drop if self._buffers[i].shape == shape][: self.spares]
-        for i in sorted(set(drop) - set(keep), reverse=True):
-            del self._buffers[i]
-        if chosen is not None:
-            return chosen
+        counts = self._counts()
+        free = [
+            b for b, c in zip(self._buffers, counts, strict=True) if c <= self._held_by_pool_only
+        ]
+        # the one taken and ``spares`` more of this shape stay; the other free ones go
+        kept = [b for b in free if b.shape == shape][: 1 + self.spares]
+        let_go = {id(b) for b in free} - {id(b) for b in kept}
+        self._buffers = [b for b in self._buffers if id(b) not in let_go]
+        if kept:
+            return kept[0]
         buffer: Buffer = np.empty(shape, np.uint8)
         self.allocated += 1
         if len(self._buffers) < self.limit:

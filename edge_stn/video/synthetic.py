@@ -643,8 +643,8 @@ class SyntheticCamera(FrameSource):
         due = self._t0 + index / self.fps
         if due > now:
             time.sleep(due - now)
-        scene = self.generator
-        image, _ = scene.frame_bgr(index, self._pool.take((scene.height, scene.width, 3)))
+        gen = self.generator
+        image, _ = gen.frame_bgr(index, self._pool.take((gen.height, gen.width, 3)))
         self._next = index + 1
         return Frame(self.camera_id, index, time.time(), image)
 
